@@ -1,1 +1,4 @@
+//! statehouse-server: entities, their journal and their supervisors, served over gRPC.
 
+pub mod address;
+pub mod storage;

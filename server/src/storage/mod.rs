@@ -1,0 +1,191 @@
+//! Durable storage: the `Store` trait the engine writes through, and its implementation on a
+//! write-ahead journal plus sled.
+//!
+//! **Owns**: the journal (segment files of CRC32C-framed records, group commit, `fdatasync`),
+//! the sled database (one tree per shard, a `meta` tree), checkpoints and recovery.
+//! **Knows nothing about** behaviours, entity types' meaning, or protobuf: payloads are opaque
+//! bytes, addresses opaque strings. It may call `statehouse-migrations`.
+//!
+//! Invariants:
+//! - `commit` returns only after the batch is durable in the journal (with `Durability::Sync`)
+//!   and applied to sled, so a `load` that starts after `commit` returned sees the batch.
+//! - Replaying the journal after the last checkpoint into sled is idempotent: every sled write
+//!   a batch makes is a blind put or remove, so re-applying a suffix yields the same state.
+//! - A record that fails its checksum is an error naming the entity or the journal position;
+//!   it is never skipped silently.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::address::EntityId;
+
+/// When `commit` may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the journal's `fdatasync` covering the batch: nothing acknowledged is ever lost.
+    Sync,
+    /// After the batch is written to the journal file; an `fdatasync` follows within
+    /// `StoreConfig::async_sync_window`, so a power cut loses at most that window.
+    Async,
+}
+
+/// Everything the store needs to open a data dir.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The data directory; created if missing.
+    pub data_dir: PathBuf,
+    /// Number of shards for a new data dir. An existing data dir keeps the count it was
+    /// created with (see [`Store::shard_count`]).
+    pub shard_count: u32,
+    pub durability: Durability,
+    /// With `Durability::Async`, the longest time written journal bytes wait for `fdatasync`.
+    pub async_sync_window: Duration,
+    /// A checkpoint runs at least this often while there is journal to trim.
+    pub checkpoint_interval: Duration,
+    /// A checkpoint also runs once this many journal bytes were written since the last one.
+    pub checkpoint_journal_bytes: u64,
+    /// A journal segment file is closed and a new one started past this size.
+    pub journal_segment_bytes: u64,
+    /// sled's page cache bound.
+    pub sled_cache_bytes: u64,
+    /// Upper bound on commits handed to the journal writer and not yet completed.
+    pub commits_pending_max: usize,
+}
+
+/// One durable operation on one entity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// An event the entity committed, with its sequence number (1, 2, 3, … per entity).
+    Event {
+        seq: u64,
+        behaviour_version: u32,
+        payload: Vec<u8>,
+    },
+    /// The entity's state after event `seq`. Replaces any earlier snapshot and trims the
+    /// stored events with sequence numbers `<= seq`.
+    Snapshot {
+        seq: u64,
+        behaviour_version: u32,
+        payload: Vec<u8>,
+    },
+    /// Removes every record of the entity (snapshot, events, markers). Sequence numbers of a
+    /// later incarnation start again at 1.
+    Delete,
+}
+
+/// The atomic unit of durability: the operations one turn of one entity produced.
+/// After a crash either all of a batch is recovered or none of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityBatch {
+    /// The shard the entity lives in, `0..shard_count`.
+    pub shard: u32,
+    pub entity: EntityId,
+    pub ops: Vec<Op>,
+}
+
+/// A snapshot or event as stored: its checksum already verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub seq: u64,
+    pub behaviour_version: u32,
+    pub payload: Vec<u8>,
+}
+
+/// What an activation needs: the last snapshot and the events after it, in sequence order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadedEntity {
+    pub snapshot: Option<StoredRecord>,
+    pub events: Vec<StoredRecord>,
+}
+
+impl LoadedEntity {
+    /// Whether the entity has any committed state.
+    pub fn exists(&self) -> bool {
+        self.snapshot.is_some() || !self.events.is_empty()
+    }
+
+    /// The sequence number of the last committed event (0 for a new entity).
+    pub fn last_seq(&self) -> u64 {
+        let from_events = self.events.last().map(|e| e.seq);
+        let from_snapshot = self.snapshot.as_ref().map(|s| s.seq);
+        from_events.or(from_snapshot).unwrap_or(0)
+    }
+}
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// sled reported an error.
+    #[error("{context}: {source}")]
+    Sled {
+        context: String,
+        #[source]
+        source: sled::Error,
+    },
+    /// A stored record of this entity failed its checksum or could not be decoded.
+    /// The entity is not served until an operator deals with it.
+    #[error("entity {entity} is corrupt: {detail}")]
+    CorruptEntity { entity: EntityId, detail: String },
+    /// The journal is damaged at a position that is not a torn tail.
+    #[error("journal segment {segment} is corrupt at byte offset {offset}: {detail}")]
+    CorruptJournal {
+        segment: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    /// Metadata in the data dir is missing or malformed.
+    #[error("data dir metadata: {0}")]
+    Metadata(String),
+    /// The on-disk format could not be brought to the version this server runs.
+    #[error(transparent)]
+    Migration(#[from] statehouse_migrations::MigrationError),
+    /// An earlier journal write or sync failed; the store accepts no more commits, because
+    /// after a failed `fdatasync` nothing about the file's contents can be assumed.
+    #[error("the journal failed earlier and accepts no more writes ({0}); restart the server")]
+    JournalFailed(String),
+    /// The store is closing or closed.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// The engine's view of durable storage. Tests inject faults through it.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The number of shards of this data dir, fixed when it was created.
+    fn shard_count(&self) -> u32;
+
+    /// Makes the batch durable (per the configured [`Durability`]) and applies it to the
+    /// state store. Batches are durable in the order `commit` was called.
+    async fn commit(&self, batch: EntityBatch) -> Result<(), StoreError>;
+
+    /// Reads an entity's last snapshot and the events after it, verifying every checksum.
+    async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError>;
+
+    /// Keys of existing entities of `entity_type` that start with `key_prefix`, in byte order,
+    /// strictly after `start_after` when given, at most `limit` of them.
+    async fn list(
+        &self,
+        entity_type: &str,
+        key_prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Runs a checkpoint now: flush sled, `fdatasync` its files, record the journal position
+    /// covered, delete journal segments behind it.
+    async fn checkpoint(&self) -> Result<(), StoreError>;
+
+    /// Stops accepting commits, completes those already handed over, syncs the journal, runs a
+    /// final checkpoint. Later calls of any method answer `StoreError::Closed`.
+    async fn close(&self) -> Result<(), StoreError>;
+}
