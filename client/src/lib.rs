@@ -1,1 +1,43 @@
+//! statehouse-client: an async Rust client for a statehouse server, with typed helpers for
+//! the built-in behaviours.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), statehouse_client::ClientError> {
+//! use std::time::Duration;
+//! use statehouse_client::Client;
+//!
+//! let client = Client::connect("http://127.0.0.1:50051")
+//!     .await?
+//!     .with_timeout(Duration::from_secs(5));
+//! let visits = client.counter("visits").incr(1).await?;
+//! let outcome = client
+//!     .call("counter", "visits", serde_json::json!({"op": "get"}))
+//!     .await?;
+//! assert_eq!(outcome.reply["value"], visits);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`client`]: [`Client`], the connection and the six `EntityService` calls on JSON values.
+//! - [`error`]: [`ClientError`], which keeps the gRPC code and message of every failure.
+//! - [`counter`], [`register`], [`kv`]: typed handles on the built-in behaviours, and the
+//!   parsers of their replies.
+//! - `reply` (private): turning a built-in's JSON reply into a typed value.
+//!
+//! The `statehouse` command-line tool (`src/main.rs`) is built on this library.
 
+pub mod client;
+pub mod counter;
+pub mod error;
+pub mod kv;
+pub mod register;
+mod reply;
+
+pub use client::{CallOutcome, Client, EntityState, ListPage};
+pub use counter::Counter;
+pub use error::{code_name, ClientError};
+pub use kv::{Kv, KvCas, KvField};
+pub use register::{Register, RegisterCas, Versioned};
+pub use tonic::Code;

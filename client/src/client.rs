@@ -1,0 +1,361 @@
+//! [`Client`]: one connection to a statehouse server and the six `EntityService` calls.
+//!
+//! The client speaks JSON ([`serde_json::Value`]) and converts to and from the wire's
+//! `google.protobuf.Value` with `statehouse_proto::value`. It is cheap to clone: clones share
+//! one HTTP/2 connection, so concurrent tasks each take a clone.
+//!
+//! Deadlines: with [`Client::with_timeout`] every request carries a `grpc-timeout` header the
+//! server honours end to end, and the client itself gives up at the same instant, so no call
+//! waits longer than the timeout even if the server never answers.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde_json::Value;
+use statehouse_proto::v1::entity_service_client::EntityServiceClient;
+use statehouse_proto::v1::{
+    CallRequest, CastRequest, DeleteRequest, GetRequest, ListRequest, StopRequest,
+};
+use statehouse_proto::value::{json_to_proto, proto_to_json};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+use crate::error::{error_chain, ClientError};
+use crate::{Counter, Kv, Register};
+
+/// The longest [`Client::connect`] waits for the TCP (and HTTP/2) connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most pages [`Client::list_all`] follows: 100 000 pages of up to 1000 keys. A bound,
+/// so a server that never stops handing out page tokens cannot keep the client looping.
+pub const LIST_PAGES_MAX: usize = 100_000;
+
+/// A connection to one statehouse server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: EntityServiceClient<Channel>,
+    url: String,
+    timeout: Option<Duration>,
+}
+
+/// What a [`Client::call`] returns: the entity's reply and its sequence number after the
+/// message (the number of events it has committed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallOutcome {
+    /// The behaviour's reply.
+    pub reply: Value,
+    /// The entity's sequence number after this message.
+    pub seq: u64,
+}
+
+/// An entity's last committed state, as [`Client::get`] returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityState {
+    /// The state value.
+    pub state: Value,
+    /// The number of events the entity has committed.
+    pub seq: u64,
+    /// Whether the entity was in memory when the server answered.
+    pub active: bool,
+}
+
+/// One page of keys from [`Client::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// Keys in key order.
+    pub keys: Vec<String>,
+    /// The token for the next page, or `None` when this is the last page.
+    pub next_page_token: Option<String>,
+}
+
+impl Client {
+    /// Connects to the server at `url`, e.g. `http://127.0.0.1:50051`, waiting at most
+    /// [`CONNECT_TIMEOUT`]. Only plain `http://` is supported.
+    pub async fn connect(url: impl Into<String>) -> Result<Client, ClientError> {
+        let url = url.into();
+        let endpoint = endpoint_for(&url)?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| ClientError::Connect {
+                url: url.clone(),
+                reason: error_chain(&err),
+            })?;
+        Ok(Client {
+            inner: EntityServiceClient::new(channel),
+            url,
+            timeout: None,
+        })
+    }
+
+    /// Returns this client with a deadline on every request it sends (sent to the server
+    /// as `grpc-timeout`). Answers arriving later fail with `DEADLINE_EXCEEDED`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The per-request deadline, if one is set.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// The URL this client connected to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends `message` to the entity `(entity_type, key)` and waits for its reply, which the
+    /// server sends only once the changes the message caused are durable.
+    pub async fn call(
+        &self,
+        entity_type: &str,
+        key: &str,
+        message: Value,
+    ) -> Result<CallOutcome, ClientError> {
+        let request = CallRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+            message: Some(json_to_proto(message)),
+        };
+        let mut inner = self.inner.clone();
+        let response = self.send(inner.call(self.request(request))).await?;
+        let reply = decode_value(response.reply, || format!("call {entity_type}/{key}"))?;
+        Ok(CallOutcome {
+            reply,
+            seq: response.seq,
+        })
+    }
+
+    /// Enqueues `message` in the entity's mailbox and returns once the server accepted it,
+    /// without waiting for the entity to handle it.
+    pub async fn cast(
+        &self,
+        entity_type: &str,
+        key: &str,
+        message: Value,
+    ) -> Result<(), ClientError> {
+        let request = CastRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+            message: Some(json_to_proto(message)),
+        };
+        let mut inner = self.inner.clone();
+        self.send(inner.cast(self.request(request))).await?;
+        Ok(())
+    }
+
+    /// Returns the entity's last committed state. An entity that never committed a change
+    /// answers `NOT_FOUND`.
+    pub async fn get(&self, entity_type: &str, key: &str) -> Result<EntityState, ClientError> {
+        let request = GetRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+        };
+        let mut inner = self.inner.clone();
+        let response = self.send(inner.get(self.request(request))).await?;
+        let state = decode_value(response.state, || format!("get {entity_type}/{key}"))?;
+        Ok(EntityState {
+            state,
+            seq: response.seq,
+            active: response.active,
+        })
+    }
+
+    /// Passivates the entity (its state stays on disk). Returns whether it was active.
+    pub async fn stop(&self, entity_type: &str, key: &str) -> Result<bool, ClientError> {
+        let request = StopRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+        };
+        let mut inner = self.inner.clone();
+        let response = self.send(inner.stop(self.request(request))).await?;
+        Ok(response.was_active)
+    }
+
+    /// Removes the entity and all its durable data. Returns whether it had committed state.
+    pub async fn delete(&self, entity_type: &str, key: &str) -> Result<bool, ClientError> {
+        let request = DeleteRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+        };
+        let mut inner = self.inner.clone();
+        let response = self.send(inner.delete(self.request(request))).await?;
+        Ok(response.existed)
+    }
+
+    /// Lists one page of the keys of existing entities of `entity_type` that start with
+    /// `key_prefix`, in key order. `page_size` 0 means the server's default; `page_token` is
+    /// `None` for the first page, else the previous page's `next_page_token`.
+    pub async fn list(
+        &self,
+        entity_type: &str,
+        key_prefix: &str,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<ListPage, ClientError> {
+        let request = ListRequest {
+            r#type: entity_type.to_owned(),
+            key_prefix: key_prefix.to_owned(),
+            page_size,
+            page_token: page_token.unwrap_or_default().to_owned(),
+        };
+        let mut inner = self.inner.clone();
+        let response = self.send(inner.list(self.request(request))).await?;
+        Ok(ListPage {
+            keys: response.keys,
+            next_page_token: Some(response.next_page_token).filter(|token| !token.is_empty()),
+        })
+    }
+
+    /// Lists every key of `entity_type` starting with `key_prefix`, following the pages
+    /// (at most [`LIST_PAGES_MAX`] of them).
+    pub async fn list_all(
+        &self,
+        entity_type: &str,
+        key_prefix: &str,
+        page_size: u32,
+    ) -> Result<Vec<String>, ClientError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..LIST_PAGES_MAX {
+            let page = self
+                .list(entity_type, key_prefix, page_size, token.as_deref())
+                .await?;
+            keys.extend(page.keys);
+            match page.next_page_token {
+                None => return Ok(keys),
+                // A server that hands back the token it was given would loop forever.
+                Some(next) if token.as_deref() == Some(next.as_str()) => {
+                    return Err(ClientError::UnexpectedReply {
+                        request: format!("list {entity_type}"),
+                        reason: format!("the server returned page token {next:?} twice"),
+                        reply: Value::Null,
+                    });
+                }
+                Some(next) => token = Some(next),
+            }
+        }
+        Err(ClientError::UnexpectedReply {
+            request: format!("list {entity_type}"),
+            reason: format!("more than {LIST_PAGES_MAX} pages"),
+            reply: Value::Null,
+        })
+    }
+
+    /// A typed handle on the built-in `counter` entity `key`.
+    pub fn counter(&self, key: impl Into<String>) -> Counter {
+        Counter::new(self.clone(), key.into())
+    }
+
+    /// A typed handle on the built-in `register` entity `key`.
+    pub fn register(&self, key: impl Into<String>) -> Register {
+        Register::new(self.clone(), key.into())
+    }
+
+    /// A typed handle on the built-in `kv` entity `key`.
+    pub fn kv(&self, key: impl Into<String>) -> Kv {
+        Kv::new(self.clone(), key.into())
+    }
+
+    /// Wraps a message in a request carrying this client's deadline.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    }
+
+    /// Awaits one RPC, giving up at this client's deadline even if the server stays silent.
+    async fn send<T>(
+        &self,
+        rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ClientError> {
+        let response = match self.timeout {
+            None => rpc.await,
+            Some(timeout) => match tokio::time::timeout(timeout, rpc).await {
+                Ok(response) => response,
+                Err(_) => {
+                    return Err(ClientError::Status {
+                        code: Code::DeadlineExceeded,
+                        message: format!("no answer within {} ms", timeout.as_millis()),
+                    })
+                }
+            },
+        };
+        Ok(response?.into_inner())
+    }
+}
+
+/// Parses and checks a server URL into a tonic endpoint.
+fn endpoint_for(url: &str) -> Result<Endpoint, ClientError> {
+    let invalid = |reason: String| ClientError::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    match url.split_once("://") {
+        Some(("http", _)) => {}
+        Some((scheme, _)) => {
+            return Err(invalid(format!(
+                "scheme {scheme:?} is not supported; use http://HOST:PORT"
+            )))
+        }
+        None => return Err(invalid("no scheme; use http://HOST:PORT".to_owned())),
+    }
+    let endpoint =
+        Endpoint::from_shared(url.to_owned()).map_err(|err| invalid(error_chain(&err)))?;
+    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT))
+}
+
+/// Turns an optional wire value into JSON; a missing value is `null`.
+fn decode_value(
+    value: Option<prost_types::Value>,
+    request: impl FnOnce() -> String,
+) -> Result<Value, ClientError> {
+    proto_to_json(value.unwrap_or_default()).map_err(|err| ClientError::UnexpectedReply {
+        request: request(),
+        reason: err.to_string(),
+        reply: Value::Null,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost_types::value::Kind;
+
+    #[test]
+    fn urls_need_the_http_scheme() {
+        assert!(endpoint_for("http://127.0.0.1:50051").is_ok());
+        let err = endpoint_for("127.0.0.1:50051").unwrap_err();
+        assert!(err.is_local_input());
+        assert!(err.to_string().contains("no scheme"), "{err}");
+        let err = endpoint_for("ftp://host:1").unwrap_err();
+        assert!(err.to_string().contains("\"ftp\""), "{err}");
+        assert!(endpoint_for("http://exa mple:1").is_err());
+    }
+
+    #[test]
+    fn missing_values_decode_as_null() {
+        assert_eq!(decode_value(None, String::new).unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn undecodable_values_are_unexpected_replies() {
+        let nan = prost_types::Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
+        let err = decode_value(Some(nan), || "call counter/k".to_owned()).unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(err.to_string().contains("call counter/k"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_servers_are_unavailable() {
+        // Port 1 on loopback: nothing listens there, so the connection is refused at once.
+        let err = Client::connect("http://127.0.0.1:1").await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    }
+}
