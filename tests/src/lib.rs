@@ -26,6 +26,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The longest a server may take to exit after SIGTERM or SIGKILL.
 pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest the harness waits for a dead server's output pipes to close.
+const STREAMS_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The deadline [`TestServer::client`] puts on every request, so no test waits forever.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,6 +67,9 @@ pub struct TestServer {
     /// How many processes have been started on this data dir.
     starts: usize,
     log: Arc<Log>,
+    /// Whether a failure message already included the log, so dropping during the panic
+    /// need not print it again.
+    log_shown: AtomicBool,
 }
 
 /// The live process of a [`TestServer`].
@@ -85,6 +92,9 @@ struct LogState {
     listening: Option<SocketAddr>,
     /// Output streams of the current process that reached end of file.
     streams_closed: usize,
+    /// Which start of the server is current (1, 2, …); a reader of an earlier process
+    /// that is still draining must not count for this one.
+    run: usize,
 }
 
 impl TestServer {
@@ -110,6 +120,7 @@ impl TestServer {
                 state: Mutex::new(LogState::default()),
                 changed: Condvar::new(),
             }),
+            log_shown: AtomicBool::new(false),
         };
         server.spawn();
         server
@@ -188,7 +199,7 @@ impl TestServer {
             Err(err) => panic!(
                 "connect to the test server at {}: {err}\n{}",
                 self.url(),
-                self.log_tail()
+                self.failure_log()
             ),
         }
     }
@@ -223,6 +234,7 @@ impl TestServer {
             let mut state = self.log.lock();
             state.listening = None;
             state.streams_closed = 0;
+            state.run = self.starts;
             let banner = format!("=== start {} ===\n", self.starts);
             state.append(&banner);
         }
@@ -251,8 +263,8 @@ impl TestServer {
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let readers = vec![
-            spawn_reader(stdout, Arc::clone(&self.log)),
-            spawn_reader(stderr, Arc::clone(&self.log)),
+            spawn_reader(stdout, Arc::clone(&self.log), self.starts),
+            spawn_reader(stderr, Arc::clone(&self.log), self.starts),
         ];
         self.running = Some(Running { child, readers });
         self.addr = self.wait_listening();
@@ -271,7 +283,7 @@ impl TestServer {
                 let status = self.reap();
                 panic!(
                     "the server exited ({status}) before logging `{LISTENING_MARKER} ADDR`\n{}",
-                    self.log_tail()
+                    self.failure_log()
                 );
             }
             let now = Instant::now();
@@ -279,7 +291,7 @@ impl TestServer {
                 drop(state);
                 panic!(
                     "the server did not log `{LISTENING_MARKER} ADDR` within {LISTEN_TIMEOUT:?}\n{}",
-                    self.log_tail()
+                    self.failure_log()
                 );
             }
             state = self
@@ -305,20 +317,41 @@ impl TestServer {
                     let _ = running.child.wait();
                     panic!(
                         "the server did not exit within {EXIT_TIMEOUT:?}\n{}",
-                        self.log_tail()
+                        self.failure_log()
                     );
                 }
                 // std offers no wait with a timeout; a short poll is the bounded alternative.
                 None => std::thread::sleep(Duration::from_millis(5)),
             }
         };
-        for reader in running.readers {
-            // A reader ends at end of file, which comes once the process is gone.
-            let _ = reader.join();
+        // A reader ends at end of file, which comes once the process is gone, unless a
+        // grandchild inherited the pipes: then stop waiting and let the reader run on.
+        if self.wait_streams_closed(STREAMS_CLOSE_TIMEOUT) {
+            for reader in running.readers {
+                let _ = reader.join();
+            }
         }
         let exit = format!("=== exited: {status} ===\n");
         self.log.lock().append(&exit);
         status
+    }
+
+    /// Waits up to `timeout` for both output streams of the current process to reach end
+    /// of file; returns whether they did.
+    fn wait_streams_closed(&self, timeout: Duration) -> bool {
+        let state = self.log.lock();
+        let (state, _) = self
+            .log
+            .changed
+            .wait_timeout_while(state, timeout, |state| state.streams_closed < 2)
+            .expect("log lock");
+        state.streams_closed == 2
+    }
+
+    /// [`Self::log_tail`] for a failure message, remembering it was shown.
+    fn failure_log(&self) -> String {
+        self.log_shown.store(true, Ordering::Relaxed);
+        self.log_tail()
     }
 
     /// The last [`LOG_TAIL_LINES`] lines of the log, framed for a failure message.
@@ -342,7 +375,7 @@ impl Drop for TestServer {
             let _ = running.child.kill();
             let _ = running.child.wait();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.log_shown.load(Ordering::Relaxed) {
             eprintln!("{}", self.log_tail());
         }
     }
@@ -371,7 +404,7 @@ impl LogState {
 
 /// Copies one output stream of the server into the log, line by line, noting the
 /// `listening on` address and the end of the stream.
-fn spawn_reader(stream: impl Read + Send + 'static, log: Arc<Log>) -> JoinHandle<()> {
+fn spawn_reader(stream: impl Read + Send + 'static, log: Arc<Log>, run: usize) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
@@ -386,14 +419,18 @@ fn spawn_reader(stream: impl Read + Send + 'static, log: Arc<Log>) -> JoinHandle
                     if !text.ends_with('\n') {
                         state.append("\n");
                     }
-                    if state.listening.is_none() {
+                    if state.run == run && state.listening.is_none() {
                         state.listening = parse_listening(&text);
                     }
                     log.changed.notify_all();
                 }
             }
         }
-        log.lock().streams_closed += 1;
+        let mut state = log.lock();
+        if state.run == run {
+            state.streams_closed += 1;
+        }
+        drop(state);
         log.changed.notify_all();
     })
 }
