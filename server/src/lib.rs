@@ -1,4 +1,5 @@
 //! statehouse-server: entities, their journal and their supervisors, served over gRPC.
 
 pub mod address;
+pub mod behaviour;
 pub mod storage;
