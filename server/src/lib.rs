@@ -2,4 +2,6 @@
 
 pub mod address;
 pub mod behaviour;
+pub mod entity;
+pub mod shard;
 pub mod storage;
