@@ -279,7 +279,9 @@ impl Process {
                 reason,
             }),
             Ok(Err(error)) => Err(self.crashed(error.to_string())),
-            Err(panic) => Err(self.crashed(format!("handler panicked: {}", panic_message(&panic)))),
+            Err(panic) => {
+                Err(self.crashed(format!("handler panicked: {}", panic_message(&*panic))))
+            }
         }
     }
 
@@ -313,7 +315,7 @@ impl Process {
             let failure = match applied {
                 Ok(Ok(())) => None,
                 Ok(Err(error)) => Some(error.to_string()),
-                Err(panic) => Some(format!("apply panicked: {}", panic_message(&panic))),
+                Err(panic) => Some(format!("apply panicked: {}", panic_message(&*panic))),
             };
             if let Some(reason) = failure {
                 // The events are durable but this activation's state is now in doubt: forget it,

@@ -281,3 +281,6 @@ fn stopped_before_reply(id: &EntityId) -> EntityError {
         reason: "the entity stopped before replying".into(),
     }
 }
+
+#[cfg(test)]
+mod tests;
