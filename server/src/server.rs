@@ -28,6 +28,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("server reflection: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("gRPC server failed: {0}")]
@@ -132,7 +134,8 @@ async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(entities)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
         .await?;
