@@ -25,10 +25,18 @@ use super::Op;
 /// One sled write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SledOp {
-    Put { key: Vec<u8>, value: Vec<u8> },
-    Remove { key: Vec<u8> },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        key: Vec<u8>,
+    },
     /// Removes every key from `from` to `to_inclusive`.
-    RemoveRange { from: Vec<u8>, to_inclusive: Vec<u8> },
+    RemoveRange {
+        from: Vec<u8>,
+        to_inclusive: Vec<u8>,
+    },
 }
 
 /// The sled writes of one batch of `entity`, in order.
@@ -123,10 +131,7 @@ impl StagedWrites {
                         let (key, _) = item?;
                         self.pending.insert(key.to_vec(), None);
                     }
-                    for (_, value) in self
-                        .pending
-                        .range_mut(from.clone()..=to_inclusive.clone())
-                    {
+                    for (_, value) in self.pending.range_mut(from.clone()..=to_inclusive.clone()) {
                         *value = None;
                     }
                 }

@@ -107,7 +107,19 @@ mod tests {
     #[test]
     fn events_of_an_entity_sort_by_sequence_number() {
         let e = id("counter", "a");
-        let seqs = [0u64, 1, 2, 9, 10, 255, 256, 65_535, 65_536, u64::MAX - 1, u64::MAX];
+        let seqs = [
+            0u64,
+            1,
+            2,
+            9,
+            10,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::MAX - 1,
+            u64::MAX,
+        ];
         let mut keys: Vec<Vec<u8>> = seqs.iter().rev().map(|s| event_key(&e, *s)).collect();
         keys.sort();
         let decoded: Vec<u64> = keys
@@ -201,7 +213,12 @@ mod tests {
     #[test]
     fn kinds_do_not_share_keys() {
         let e = id("t", "k");
-        let all = [snapshot_key(&e), event_key(&e, 1), exists_key(&e), corrupt_key(&e)];
+        let all = [
+            snapshot_key(&e),
+            event_key(&e, 1),
+            exists_key(&e),
+            corrupt_key(&e),
+        ];
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a[0], b[0]);

@@ -13,7 +13,10 @@
 //!   a batch makes is a blind put or remove, so re-applying a suffix yields the same state.
 //! - A record that fails its checksum is an error naming the entity or the journal position;
 //!   it is never skipped silently.
-
+//! - Only the last journal segment can have a torn tail: the writer syncs a segment before it
+//!   starts the next, and a checkpoint deletes only segments wholly behind the position it
+//!   made durable in sled.
+//!
 //! Layout:
 //! - [`sled_store`]: [`SledStore`], the `Store` implementation: open, the async methods, close.
 //! - [`journal`]: segment files and the frame format; helpers to find records on disk.

@@ -86,9 +86,7 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
             return Err(StoreError::CorruptJournal {
                 segment: path,
                 offset: bytes.len() as u64,
-                detail: format!(
-                    "the segment ends before the checkpoint position (offset {from})"
-                ),
+                detail: format!("the segment ends before the checkpoint position (offset {from})"),
             });
         }
         report.segments_replayed += 1;
@@ -174,9 +172,10 @@ fn replay_frame(
     if skipped.contains(&entity_key) {
         return Ok(());
     }
-    let segment_name = path
-        .file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let segment_name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
     let problem = if frame.body_ok {
         let start = frame.offset as usize + head.body_offset();
         let body = bytes.get(start..start + head.body_len);

@@ -171,6 +171,18 @@ impl SledStore {
         self.shared.counters.snapshot()
     }
 
+    /// The threads' shared state, for tests that look inside.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Commit permits not taken, for tests.
+    #[cfg(test)]
+    pub(crate) fn permits_available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
     fn check_open(&self) -> Result<(), StoreError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Closed);
@@ -280,9 +292,7 @@ impl Store for SledStore {
                 })?;
         }
         answer.await.map_err(|_| {
-            StoreError::JournalFailed(
-                "the journal writer thread stopped before answering".into(),
-            )
+            StoreError::JournalFailed("the journal writer thread stopped before answering".into())
         })?
     }
 
@@ -339,20 +349,19 @@ impl Store for SledStore {
         self.submissions.write().take();
         let writer = self.writer.lock().take();
         let poisoned = match writer {
-            Some(writer) => blocking(move || {
-                writer.join().map_err(|_| {
-                    StoreError::JournalFailed("the journal writer thread panicked".into())
+            Some(writer) => {
+                blocking(move || {
+                    writer.join().map_err(|_| {
+                        StoreError::JournalFailed("the journal writer thread panicked".into())
+                    })
                 })
-            })
-            .await?,
+                .await?
+            }
             None => None,
         };
 
         let (reply, answer) = oneshot::channel();
-        let final_checkpoint = match self
-            .checkpoint_requests
-            .send(CheckpointRequest::Now(reply))
-        {
+        let final_checkpoint = match self.checkpoint_requests.send(CheckpointRequest::Now(reply)) {
             Ok(()) => answer.await.unwrap_or(Err(StoreError::Closed)),
             Err(_) => Err(StoreError::Closed),
         };
@@ -360,9 +369,9 @@ impl Store for SledStore {
         let checkpointer = self.checkpointer.lock().take();
         if let Some(checkpointer) = checkpointer {
             blocking(move || {
-                checkpointer.join().map_err(|_| {
-                    StoreError::Metadata("the checkpoint thread panicked".into())
-                })
+                checkpointer
+                    .join()
+                    .map_err(|_| StoreError::Metadata("the checkpoint thread panicked".into()))
             })
             .await?;
         }

@@ -180,7 +180,8 @@ impl State {
         let snapshot_key = keys::snapshot_key(entity);
         let snapshot = match tree.get(&snapshot_key).map_err(read_error)? {
             Some(value) => Some(
-                decode_value(&snapshot_key, &value).map_err(|d| corrupt(format!("snapshot: {d}")))?,
+                decode_value(&snapshot_key, &value)
+                    .map_err(|d| corrupt(format!("snapshot: {d}")))?,
             ),
             None => None,
         };

@@ -178,7 +178,10 @@ impl Writer {
             return;
         }
         Counters::add(&self.shared.counters.journal_rounds, 1);
-        Counters::add(&self.shared.counters.journal_bytes, self.buffer.len() as u64);
+        Counters::add(
+            &self.shared.counters.journal_bytes,
+            self.buffer.len() as u64,
+        );
 
         match self.config.durability {
             Durability::Sync => {
@@ -259,10 +262,7 @@ impl Writer {
             .map(|submission| match failed.get(&submission.shard) {
                 None => Ok(()),
                 Some(e) => Err(StoreError::Sled {
-                    context: format!(
-                        "applying a committed batch to shard {}",
-                        submission.shard
-                    ),
+                    context: format!("applying a committed batch to shard {}", submission.shard),
                     source: e.clone(),
                 }),
             })
@@ -347,7 +347,10 @@ impl Writer {
 
     fn poison(&mut self, reason: &str) {
         if self.poisoned.is_none() {
-            tracing::error!(reason, "journal writer poisoned; commits fail until restart");
+            tracing::error!(
+                reason,
+                "journal writer poisoned; commits fail until restart"
+            );
             self.poisoned = Some(reason.to_owned());
         }
     }

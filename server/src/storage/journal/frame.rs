@@ -64,7 +64,9 @@ pub fn body_len(ops: &[Op]) -> usize {
     4 + ops
         .iter()
         .map(|op| match op {
-            Op::Event { payload, .. } | Op::Snapshot { payload, .. } => 1 + 8 + 4 + 4 + payload.len(),
+            Op::Event { payload, .. } | Op::Snapshot { payload, .. } => {
+                1 + 8 + 4 + 4 + payload.len()
+            }
             Op::Delete => 1,
         })
         .sum::<usize>()
@@ -208,8 +210,7 @@ fn decode_head(head: &[u8]) -> Result<(u32, EntityId), String> {
     let entity_type =
         std::str::from_utf8(entity_type).map_err(|_| "frame head type is not UTF-8".to_string())?;
     let key = std::str::from_utf8(key).map_err(|_| "frame head key is not UTF-8".to_string())?;
-    let entity =
-        EntityId::new(entity_type, key).map_err(|e| format!("frame head address: {e}"))?;
+    let entity = EntityId::new(entity_type, key).map_err(|e| format!("frame head address: {e}"))?;
     Ok((shard, entity))
 }
 

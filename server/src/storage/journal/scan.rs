@@ -26,9 +26,19 @@ pub(crate) struct ScannedFrame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ScanEnd {
     Clean,
-    Torn { offset: u64, detail: String },
-    Incomplete { offset: u64, detail: String },
-    Damaged { offset: u64, next_valid: u64, detail: String },
+    Torn {
+        offset: u64,
+        detail: String,
+    },
+    Incomplete {
+        offset: u64,
+        detail: String,
+    },
+    Damaged {
+        offset: u64,
+        next_valid: u64,
+        detail: String,
+    },
 }
 
 /// The frames of a segment from a starting offset on, and how the segment ends.

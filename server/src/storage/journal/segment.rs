@@ -120,6 +120,9 @@ mod tests {
             .map(|(id, _)| id)
             .collect();
         assert_eq!(ids, vec![1, 2, 3]);
-        assert!(OpenSegment::create(dir.path(), 2).is_err(), "segments are never reopened");
+        assert!(
+            OpenSegment::create(dir.path(), 2).is_err(),
+            "segments are never reopened"
+        );
     }
 }
