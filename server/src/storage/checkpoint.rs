@@ -114,6 +114,7 @@ pub(crate) fn run_checkpointer(
                 let _ = reply.send(outcome);
             }
             Ok(CheckpointRequest::JournalBytes) => {
+                shared.checkpoint_requested.store(false, Ordering::SeqCst);
                 if worth_it(&shared) {
                     run_logged(&shared, "journal bytes");
                 }

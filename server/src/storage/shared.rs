@@ -4,7 +4,7 @@
 //! journal position a checkpoint may record, counters) and the [`StoreStats`] it reports.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -23,6 +23,9 @@ pub(crate) struct Shared {
     pub writer_segment: AtomicU64,
     /// Serialises checkpoints; holds the position the last one recorded.
     pub checkpoint_lock: Mutex<Option<JournalPosition>>,
+    /// Set when the writer asked for a checkpoint and the checkpointer has not started it
+    /// yet, so requests coalesce instead of queueing one checkpoint per round.
+    pub checkpoint_requested: AtomicBool,
     pub counters: Counters,
 }
 

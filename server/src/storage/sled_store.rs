@@ -98,6 +98,7 @@ impl SledStore {
             checkpointable: Mutex::new(start),
             writer_segment: AtomicU64::new(segment.id),
             checkpoint_lock: Mutex::new(None),
+            checkpoint_requested: AtomicBool::new(false),
             counters: Counters::default(),
         });
         // Everything replayed is in sled now; make it durable and drop the old segments.
@@ -115,6 +116,7 @@ impl SledStore {
 
         let (submissions, queue) = mpsc::channel();
         let request = checkpoint_requests.clone();
+        let requester = Arc::clone(&shared);
         let writer = Writer::new(
             WriterConfig {
                 durability: config.durability,
@@ -127,8 +129,10 @@ impl SledStore {
             segment,
             Arc::clone(&shared),
             Box::new(move || {
-                // A checkpointer that is gone is shutting down; nothing to do.
-                let _ = request.send(CheckpointRequest::JournalBytes);
+                if !requester.checkpoint_requested.swap(true, Ordering::SeqCst) {
+                    // A checkpointer that is gone is shutting down; nothing to do.
+                    let _ = request.send(CheckpointRequest::JournalBytes);
+                }
             }),
         );
         let writer = match std::thread::Builder::new()

@@ -93,6 +93,7 @@ impl Writer {
             offset: segment.len,
         };
         shared.writer_segment.store(segment.id, Ordering::SeqCst);
+        *shared.checkpointable.lock() = start;
         Writer {
             config,
             journal_dir,
@@ -361,5 +362,104 @@ fn fail_all(round: Vec<Submission>, reason: &str) {
         let _ = submission
             .done
             .send(Err(StoreError::JournalFailed(reason.to_owned())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::mpsc;
+
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::address::EntityId;
+    use crate::storage::apply::plan;
+    use crate::storage::journal::frame::encode_frame;
+    use crate::storage::shared::Counters;
+    use crate::storage::state::State;
+    use crate::storage::{EntityBatch, Op};
+
+    fn submission(key: &str) -> (Submission, oneshot::Receiver<Result<(), StoreError>>) {
+        let batch = EntityBatch {
+            shard: 0,
+            entity: EntityId::new("t", key).unwrap(),
+            ops: vec![Op::Event {
+                seq: 1,
+                behaviour_version: 1,
+                payload: b"p".to_vec(),
+            }],
+        };
+        let (done, answer) = oneshot::channel();
+        let submission = Submission {
+            frame: encode_frame(&batch),
+            shard: 0,
+            writes: plan(&batch.entity, &batch.ops),
+            done,
+            _permit: None,
+        };
+        (submission, answer)
+    }
+
+    #[test]
+    fn a_failed_write_poisons_the_writer_and_applies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(&dir.path().join("state"), 1 << 20, 1).unwrap();
+        let shared = Arc::new(Shared {
+            state,
+            state_dir: dir.path().join("state"),
+            journal_dir: dir.path().join("journal"),
+            checkpointable: Mutex::new(JournalPosition::default()),
+            writer_segment: AtomicU64::new(0),
+            checkpoint_lock: Mutex::new(None),
+            checkpoint_requested: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        // Every write to /dev/full fails with ENOSPC.
+        let path = PathBuf::from("/dev/full");
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let writer = Writer::new(
+            WriterConfig {
+                durability: Durability::Sync,
+                async_sync_window: Duration::from_millis(10),
+                segment_bytes_max: u64::MAX,
+                round_bytes_max: ROUND_BYTES_MAX,
+                checkpoint_journal_bytes: u64::MAX,
+            },
+            dir.path().to_path_buf(),
+            OpenSegment::from_file(1, path, file),
+            Arc::clone(&shared),
+            Box::new(|| {}),
+        );
+        let (submissions, queue) = mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(queue));
+
+        let (first, first_answer) = submission("a");
+        submissions.send(first).unwrap();
+        let err = first_answer.blocking_recv().unwrap().unwrap_err();
+        assert!(
+            matches!(&err, StoreError::JournalFailed(reason) if reason.contains("/dev/full")),
+            "{err}"
+        );
+        let (second, second_answer) = submission("b");
+        submissions.send(second).unwrap();
+        assert!(matches!(
+            second_answer.blocking_recv().unwrap(),
+            Err(StoreError::JournalFailed(_))
+        ));
+
+        drop(submissions);
+        let poisoned = thread.join().unwrap();
+        assert!(poisoned.is_some());
+        assert_eq!(shared.state.shards[0].tree.len(), 0, "nothing applied");
+        assert_eq!(shared.counters.snapshot().journal_fsyncs, 0);
+        assert_eq!(
+            *shared.checkpointable.lock(),
+            JournalPosition {
+                segment: 1,
+                offset: 0
+            },
+            "the checkpointable position never moved"
+        );
     }
 }

@@ -75,6 +75,17 @@ impl OpenSegment {
         })
     }
 
+    /// Wraps an already open file, for tests that need a failing one (e.g. `/dev/full`).
+    #[cfg(test)]
+    pub(crate) fn from_file(id: u64, path: PathBuf, file: File) -> OpenSegment {
+        OpenSegment {
+            id,
+            path,
+            file,
+            len: 0,
+        }
+    }
+
     /// Appends `bytes` in one `write_all`.
     pub(crate) fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.file.write_all(bytes)?;
