@@ -2,7 +2,7 @@
 //! [`EntityBatch`](super::EntityBatch).
 //!
 //! **Owns**: the frame format ([`frame`]), segment files ([`segment`]), reading segments back
-//! ([`scan`]), and the public helpers tools and end-to-end tests use to find records on disk
+//! (`scan`), and the public helpers tools and end-to-end tests use to find records on disk
 //! ([`segment_paths`], [`locate_frames`]). It knows nothing about sled; the group-commit
 //! writer that appends to it lives in `storage::writer`.
 
