@@ -585,6 +585,11 @@ async fn a_damaged_head_in_a_segment_before_the_last_fails_open() {
     })
     .unwrap();
     commit_one_each(&store, &["a", "b", "c"]).await;
+    // The writer rolls after it answers the commit; wait for the last roll.
+    wait_for("the fourth segment", || {
+        segment_paths(store.data_dir()).unwrap().len() == 4
+    })
+    .await;
     let (_copy_root, copy) = crash_copy(store.data_dir());
     store.close().await.unwrap();
     let segments = segment_paths(&copy).unwrap();
