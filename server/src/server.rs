@@ -108,14 +108,16 @@ async fn serve(
     health_reporter
         .set_serving::<EntityServiceServer<EntityApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(statehouse_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServerError::Bind {
-            address,
-            source: std::io::Error::other(e),
-        })?;
+    // Both reflection versions: grpcurl and Python's grpcio-reflection still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(statehouse_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(ServerError::Reflection)?;
     let entities = EntityServiceServer::new(EntityApi::new(shards))
         .max_decoding_message_size(config.message_bytes_max)
         .max_encoding_message_size(config.message_bytes_max);

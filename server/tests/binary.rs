@@ -36,8 +36,19 @@ fn help_names_every_setting() {
     });
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
-    for flag in ["--listen", "--data-dir", "--shards", "--durability", "--snapshot-every-events", "--idle-timeout-ms", "--config"] {
-        assert!(help.contains(flag), "--help does not mention {flag}:\n{help}");
+    for flag in [
+        "--listen",
+        "--data-dir",
+        "--shards",
+        "--durability",
+        "--snapshot-every-events",
+        "--idle-timeout-ms",
+        "--config",
+    ] {
+        assert!(
+            help.contains(flag),
+            "--help does not mention {flag}:\n{help}"
+        );
     }
 }
 
@@ -46,7 +57,8 @@ fn out_of_range_settings_are_refused_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let output = run_bounded({
         let mut c = server();
-        c.args(["--shards", "0", "--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
+        c.args(["--shards", "0", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path());
         c
     });
     assert_eq!(output.status.code(), Some(2));
@@ -78,10 +90,14 @@ fn a_data_dir_from_a_newer_server_is_refused() {
     }
     let output = run_bounded({
         let mut c = server();
-        c.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.path());
+        c.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path());
         c
     });
     assert!(!output.status.success());
     let log = String::from_utf8_lossy(&output.stderr);
-    assert!(log.contains("newer"), "the refusal should say the data dir is newer:\n{log}");
+    assert!(
+        log.contains("newer"),
+        "the refusal should say the data dir is newer:\n{log}"
+    );
 }
