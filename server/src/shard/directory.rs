@@ -31,6 +31,18 @@ pub(super) struct ShardContext {
     pub generations: AtomicU64,
 }
 
+/// A message that could not be put in a mailbox, and why. It has not been answered.
+pub(super) struct Undelivered {
+    pub error: EntityError,
+    pub envelope: Envelope,
+}
+
+impl Undelivered {
+    fn new(error: EntityError, envelope: Envelope) -> Box<Self> {
+        Box::new(Undelivered { error, envelope })
+    }
+}
+
 /// A shard: the entities whose addresses hash to it.
 pub(super) struct Shard {
     index: u32,
@@ -56,13 +68,13 @@ impl Shard {
         id: &EntityId,
         behaviour: &Arc<dyn Behaviour>,
         mut envelope: Envelope,
-    ) -> Result<(), (EntityError, Envelope)> {
+    ) -> Result<(), Box<Undelivered>> {
         loop {
             let handle = {
                 let mut directory = self.directory.lock();
                 // Checked under the lock, so shutdown sees every activation that will ever exist.
                 if self.context.closing.load(Ordering::Acquire) {
-                    return Err((EntityError::ShuttingDown, envelope));
+                    return Err(Undelivered::new(EntityError::ShuttingDown, envelope));
                 }
                 match directory.get(id) {
                     Some(handle) => handle.clone(),
@@ -77,13 +89,11 @@ impl Shard {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full(envelope)) => {
                     let capacity = self.context.config.mailbox_capacity;
-                    return Err((
-                        EntityError::MailboxFull {
-                            entity: id.clone(),
-                            capacity,
-                        },
-                        envelope,
-                    ));
+                    let error = EntityError::MailboxFull {
+                        entity: id.clone(),
+                        capacity,
+                    };
+                    return Err(Undelivered::new(error, envelope));
                 }
                 // The activation passivated after we looked it up: retry with a fresh one.
                 Err(TrySendError::Closed(returned)) => {
@@ -139,10 +149,10 @@ impl EntityHost for Shard {
         // `this` upgrades whenever `&self` is reachable, since shards live in Arcs only.
         let routed = match self.this.upgrade() {
             Some(this) => this.route(&id, &behaviour, envelope),
-            None => Err((EntityError::ShuttingDown, envelope)),
+            None => Err(Undelivered::new(EntityError::ShuttingDown, envelope)),
         };
-        if let Err((error, envelope)) = routed {
-            envelope.fail(error);
+        if let Err(undelivered) = routed {
+            undelivered.envelope.fail(undelivered.error);
         }
     }
 }

@@ -251,7 +251,7 @@ impl Shards {
         let (shard, behaviour) = self.locate(id)?;
         shard
             .route(id, behaviour, envelope)
-            .map_err(|(error, _unanswered)| error)
+            .map_err(|undelivered| undelivered.error)
     }
 
     /// Validates the address and finds the entity's shard and behaviour.
