@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::fsutil::{io_error, sled_error, sync_dir, sync_tree};
+use super::fsync::{io_error, sled_error, sync_dir, sync_tree};
 use super::journal::segment::list_segments;
 use super::journal::JournalPosition;
 use super::shared::{Counters, Shared};

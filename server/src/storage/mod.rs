@@ -25,12 +25,12 @@
 //! - [`keys`], `record`: the sled key layout and the checksummed value encoding.
 //! - `state`: the sled database, its trees and metadata, `load` and `list`.
 //! - `checkpoint`, [`recovery`]: making sled durable and trimming the journal; replay at open.
-//! - `shared`, `fsutil`, `codec`: what the threads share, `fsync` helpers, byte readers.
+//! - `shared`, `fsync`, `codec`: what the threads share, `fsync` helpers, byte readers.
 
 mod apply;
 mod checkpoint;
 mod codec;
-mod fsutil;
+mod fsync;
 pub mod journal;
 pub mod keys;
 mod record;

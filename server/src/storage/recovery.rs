@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use crate::address::EntityId;
 
 use super::apply::{plan, SledOp, StagedWrites};
-use super::fsutil::{io_error, sled_error};
+use super::fsync::{io_error, sled_error};
 use super::journal::frame::decode_body;
 use super::journal::scan::{scan, ScanEnd, ScannedFrame};
 use super::journal::segment::list_segments;

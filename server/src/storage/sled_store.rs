@@ -21,7 +21,7 @@ use crate::address::{EntityId, TYPE_BYTES_MAX};
 
 use super::apply::plan;
 use super::checkpoint::{checkpoint, run_checkpointer, CheckpointRequest};
-use super::fsutil::{io_error, sled_error, sync_dir};
+use super::fsync::{io_error, sled_error, sync_dir};
 use super::journal::frame::{body_len, encode_frame, FRAME_BODY_BYTES_MAX};
 use super::journal::segment::{journal_dir, OpenSegment};
 use super::journal::JournalPosition;

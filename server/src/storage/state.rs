@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 
 use crate::address::EntityId;
 
-use super::fsutil::sled_error;
+use super::fsync::sled_error;
 use super::journal::JournalPosition;
 use super::keys;
 use super::record::decode_value;

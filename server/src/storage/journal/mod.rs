@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::address::EntityId;
 
-use super::fsutil::io_error;
+use super::fsync::io_error;
 use super::StoreError;
 
 pub use segment::{journal_dir, parse_segment_id, segment_file_name};

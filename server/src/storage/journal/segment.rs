@@ -8,7 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::super::fsutil::{io_error, sync_dir};
+use super::super::fsync::{io_error, sync_dir};
 use super::super::StoreError;
 
 /// The file name extension of journal segments.

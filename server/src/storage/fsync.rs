@@ -1,4 +1,4 @@
-//! File-system durability helpers.
+//! The `fsync`s of files and directories, and the `StoreError`s for failed I/O.
 //!
 //! **Owns**: the `fsync`s that make sled's files and our directory entries power-loss
 //! durable. sled's own `flush()` ends in `sync_file_range` on Linux (sled issue 1452), which
