@@ -1,8 +1,414 @@
 //! Numbered on-disk format migrations for statehouse data directories.
+//!
+//! **Owns**: the `format_version` key of the sled `meta` tree. Nothing else reads or writes
+//! it; the server calls [`prepare`] once at start-up, before it touches any other data.
+//!
+//! A data dir's format version says which layout its sled trees and journal use. A
+//! [`Migration`] takes a data dir from version `N` to `N + 1`. [`prepare`] brings a data dir to
+//! [`CURRENT_FORMAT_VERSION`]: a fresh one is stamped with it directly, an older one is stepped
+//! forward one version at a time (the version reached is recorded and flushed after every
+//! step, so a failure leaves the last good version on disk), and a newer one is refused.
+//!
+//! Invariants:
+//! - The recorded version only grows, one step at a time.
+//! - A data dir whose version is newer than this build knows is never modified.
+
+use tracing::info;
+
+/// The format version this build reads and writes. Version 1 is the initial layout.
+pub const CURRENT_FORMAT_VERSION: u32 = 1;
+
+/// The sled tree holding data-dir metadata.
+pub const META_TREE: &str = "meta";
+
+/// The key of the format version in [`META_TREE`]; its value is a big-endian `u32`.
+pub const FORMAT_VERSION_KEY: &[u8] = b"format_version";
 
 /// Why a data dir could not be brought to the current format.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error("data dir format version {found} is newer than this server supports ({supported}); use a newer statehouse-server")]
     TooNew { found: u32, supported: u32 },
+    /// No step is known that leaves `from`; the list of migrations has a gap.
+    #[error("no migration step from format version {from} (target {target})")]
+    MissingStep { from: u32, target: u32 },
+    /// The recorded version is not a 4-byte big-endian integer.
+    #[error("the recorded format version is malformed: {0}")]
+    Malformed(String),
+    /// A migration step failed; the data dir stays at version `from`.
+    #[error("migration from format version {from} to {} ({description}) failed: {detail}", from + 1)]
+    StepFailed {
+        from: u32,
+        description: &'static str,
+        detail: String,
+    },
+    /// sled reported an error while reading or recording the version.
+    #[error("{context}: {source}")]
+    Sled {
+        context: String,
+        #[source]
+        source: sled::Error,
+    },
+}
+
+/// One step of the on-disk format: from `from_version` to `from_version + 1`.
+#[derive(Clone, Copy)]
+pub struct Migration {
+    /// The version this step starts from.
+    pub from_version: u32,
+    /// What the step changes, for the log and for error messages.
+    pub description: &'static str,
+    /// The step itself. It must be safe to run again if it fails or is interrupted part
+    /// way, because the version is only recorded after it returns `Ok`.
+    pub step: fn(&sled::Db) -> Result<(), MigrationError>,
+}
+
+impl Migration {
+    /// The version the data dir has after this step.
+    pub fn to_version(&self) -> u32 {
+        self.from_version + 1
+    }
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration")
+            .field("from_version", &self.from_version)
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`prepare`] (or [`run_with`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrepareOutcome {
+    /// The data dir was new; it was stamped with `version`.
+    Created { version: u32 },
+    /// The data dir was already at `version`.
+    UpToDate { version: u32 },
+    /// The data dir was migrated from `from` to `to`.
+    Migrated { from: u32, to: u32 },
+}
+
+/// The known migration steps, in order. Empty today: version 1 is the initial layout.
+pub fn migrations() -> Vec<Migration> {
+    Vec::new()
+}
+
+/// Brings the data dir in `db` to [`CURRENT_FORMAT_VERSION`] with the steps of [`migrations`].
+pub fn prepare(db: &sled::Db) -> Result<PrepareOutcome, MigrationError> {
+    run_with(db, &migrations(), CURRENT_FORMAT_VERSION)
+}
+
+/// Reads the recorded format version, `None` for a data dir that has none (a fresh one).
+pub fn recorded_version(db: &sled::Db) -> Result<Option<u32>, MigrationError> {
+    let meta = open_meta(db)?;
+    let value = meta
+        .get(FORMAT_VERSION_KEY)
+        .map_err(|source| MigrationError::Sled {
+            context: "reading the format version".into(),
+            source,
+        })?;
+    match value {
+        None => Ok(None),
+        Some(bytes) => {
+            let array: [u8; 4] = bytes.as_ref().try_into().map_err(|_| {
+                MigrationError::Malformed(format!("expected 4 bytes, found {}", bytes.len()))
+            })?;
+            Ok(Some(u32::from_be_bytes(array)))
+        }
+    }
+}
+
+/// Brings the data dir in `db` to `target` using `steps` (which need not be sorted, but must
+/// contain exactly one step from every version between the recorded one and `target`).
+///
+/// A fresh data dir is stamped with `target` without running any step: it is created in the
+/// current layout. Tests use this with synthetic steps; the server uses [`prepare`].
+pub fn run_with(
+    db: &sled::Db,
+    steps: &[Migration],
+    target: u32,
+) -> Result<PrepareOutcome, MigrationError> {
+    let found = match recorded_version(db)? {
+        None => {
+            record_version(db, target)?;
+            info!(version = target, "new data dir: format version recorded");
+            return Ok(PrepareOutcome::Created { version: target });
+        }
+        Some(found) => found,
+    };
+    if found > target {
+        return Err(MigrationError::TooNew {
+            found,
+            supported: target,
+        });
+    }
+    if found == target {
+        return Ok(PrepareOutcome::UpToDate { version: found });
+    }
+    // Check the whole path exists before running anything, so a gap is reported without
+    // leaving the data dir half way.
+    for version in found..target {
+        if !steps.iter().any(|s| s.from_version == version) {
+            return Err(MigrationError::MissingStep {
+                from: version,
+                target,
+            });
+        }
+    }
+    let mut version = found;
+    while version < target {
+        let Some(migration) = steps.iter().find(|s| s.from_version == version) else {
+            return Err(MigrationError::MissingStep {
+                from: version,
+                target,
+            });
+        };
+        info!(
+            from = version,
+            to = migration.to_version(),
+            description = migration.description,
+            "running format migration"
+        );
+        (migration.step)(db)?;
+        version = migration.to_version();
+        record_version(db, version)?;
+    }
+    Ok(PrepareOutcome::Migrated {
+        from: found,
+        to: target,
+    })
+}
+
+fn open_meta(db: &sled::Db) -> Result<sled::Tree, MigrationError> {
+    db.open_tree(META_TREE)
+        .map_err(|source| MigrationError::Sled {
+            context: "opening the meta tree".into(),
+            source,
+        })
+}
+
+/// Records `version` and flushes sled so the record is on disk before anything relies on it.
+fn record_version(db: &sled::Db, version: u32) -> Result<(), MigrationError> {
+    let meta = open_meta(db)?;
+    meta.insert(FORMAT_VERSION_KEY, &version.to_be_bytes())
+        .map_err(|source| MigrationError::Sled {
+            context: format!("recording format version {version}"),
+            source,
+        })?;
+    db.flush().map_err(|source| MigrationError::Sled {
+        context: format!("flushing after recording format version {version}"),
+        source,
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path().join("state"))
+            .open()
+            .unwrap();
+        (dir, db)
+    }
+
+    fn set_version(db: &sled::Db, version: u32) {
+        db.open_tree(META_TREE)
+            .unwrap()
+            .insert(FORMAT_VERSION_KEY, &version.to_be_bytes())
+            .unwrap();
+    }
+
+    /// Appends `from` to the `log` key of the meta tree, so tests can see which steps ran.
+    fn log_step(db: &sled::Db, from: u8) {
+        let meta = db.open_tree(META_TREE).unwrap();
+        let mut log = meta
+            .get(b"log")
+            .unwrap()
+            .map(|v| v.to_vec())
+            .unwrap_or_default();
+        log.push(from);
+        meta.insert(b"log", log).unwrap();
+    }
+
+    fn read_log(db: &sled::Db) -> Vec<u8> {
+        db.open_tree(META_TREE)
+            .unwrap()
+            .get(b"log")
+            .unwrap()
+            .map(|v| v.to_vec())
+            .unwrap_or_default()
+    }
+
+    fn step1(db: &sled::Db) -> Result<(), MigrationError> {
+        log_step(db, 1);
+        Ok(())
+    }
+    fn step2(db: &sled::Db) -> Result<(), MigrationError> {
+        log_step(db, 2);
+        Ok(())
+    }
+    fn step3(db: &sled::Db) -> Result<(), MigrationError> {
+        log_step(db, 3);
+        Ok(())
+    }
+    fn failing(_: &sled::Db) -> Result<(), MigrationError> {
+        Err(MigrationError::StepFailed {
+            from: 2,
+            description: "fails",
+            detail: "synthetic failure".into(),
+        })
+    }
+
+    fn synthetic_steps() -> Vec<Migration> {
+        // Deliberately out of order: the runner orders by version.
+        vec![
+            Migration {
+                from_version: 3,
+                description: "three to four",
+                step: step3,
+            },
+            Migration {
+                from_version: 1,
+                description: "one to two",
+                step: step1,
+            },
+            Migration {
+                from_version: 2,
+                description: "two to three",
+                step: step2,
+            },
+        ]
+    }
+
+    #[test]
+    fn a_fresh_data_dir_is_stamped_with_the_current_version() {
+        let (_dir, db) = temp_db();
+        assert_eq!(recorded_version(&db).unwrap(), None);
+        assert_eq!(
+            prepare(&db).unwrap(),
+            PrepareOutcome::Created {
+                version: CURRENT_FORMAT_VERSION
+            }
+        );
+        assert_eq!(recorded_version(&db).unwrap(), Some(CURRENT_FORMAT_VERSION));
+    }
+
+    #[test]
+    fn a_fresh_data_dir_runs_no_steps() {
+        let (_dir, db) = temp_db();
+        assert_eq!(
+            run_with(&db, &synthetic_steps(), 4).unwrap(),
+            PrepareOutcome::Created { version: 4 }
+        );
+        assert!(read_log(&db).is_empty());
+    }
+
+    #[test]
+    fn an_up_to_date_data_dir_is_left_alone() {
+        let (_dir, db) = temp_db();
+        prepare(&db).unwrap();
+        assert_eq!(
+            prepare(&db).unwrap(),
+            PrepareOutcome::UpToDate {
+                version: CURRENT_FORMAT_VERSION
+            }
+        );
+        assert_eq!(recorded_version(&db).unwrap(), Some(CURRENT_FORMAT_VERSION));
+    }
+
+    #[test]
+    fn steps_run_in_order_and_each_version_is_recorded() {
+        let (_dir, db) = temp_db();
+        set_version(&db, 1);
+        assert_eq!(
+            run_with(&db, &synthetic_steps(), 4).unwrap(),
+            PrepareOutcome::Migrated { from: 1, to: 4 }
+        );
+        assert_eq!(read_log(&db), vec![1, 2, 3]);
+        assert_eq!(recorded_version(&db).unwrap(), Some(4));
+    }
+
+    #[test]
+    fn migration_stops_at_the_target() {
+        let (_dir, db) = temp_db();
+        set_version(&db, 2);
+        assert_eq!(
+            run_with(&db, &synthetic_steps(), 3).unwrap(),
+            PrepareOutcome::Migrated { from: 2, to: 3 }
+        );
+        assert_eq!(read_log(&db), vec![2]);
+        assert_eq!(recorded_version(&db).unwrap(), Some(3));
+    }
+
+    #[test]
+    fn a_failing_step_stops_and_keeps_the_last_good_version() {
+        let (_dir, db) = temp_db();
+        set_version(&db, 1);
+        let mut steps = synthetic_steps();
+        for step in &mut steps {
+            if step.from_version == 2 {
+                step.step = failing;
+            }
+        }
+        let err = run_with(&db, &steps, 4).unwrap_err();
+        assert!(
+            matches!(err, MigrationError::StepFailed { from: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(read_log(&db), vec![1], "the step after the failure ran");
+        assert_eq!(recorded_version(&db).unwrap(), Some(2));
+    }
+
+    #[test]
+    fn a_gap_in_the_steps_is_refused_before_anything_runs() {
+        let (_dir, db) = temp_db();
+        set_version(&db, 1);
+        let steps: Vec<Migration> = synthetic_steps()
+            .into_iter()
+            .filter(|s| s.from_version != 2)
+            .collect();
+        let err = run_with(&db, &steps, 4).unwrap_err();
+        assert!(
+            matches!(err, MigrationError::MissingStep { from: 2, target: 4 }),
+            "{err}"
+        );
+        assert!(read_log(&db).is_empty());
+        assert_eq!(recorded_version(&db).unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_newer_data_dir_is_refused_and_left_unchanged() {
+        let (_dir, db) = temp_db();
+        set_version(&db, CURRENT_FORMAT_VERSION + 1);
+        let err = prepare(&db).unwrap_err();
+        assert!(
+            matches!(err, MigrationError::TooNew { found, supported }
+                if found == CURRENT_FORMAT_VERSION + 1 && supported == CURRENT_FORMAT_VERSION),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer than this server supports"));
+        assert_eq!(
+            recorded_version(&db).unwrap(),
+            Some(CURRENT_FORMAT_VERSION + 1)
+        );
+    }
+
+    #[test]
+    fn a_malformed_version_is_an_error() {
+        let (_dir, db) = temp_db();
+        db.open_tree(META_TREE)
+            .unwrap()
+            .insert(FORMAT_VERSION_KEY, &[1u8, 2])
+            .unwrap();
+        assert!(matches!(
+            prepare(&db).unwrap_err(),
+            MigrationError::Malformed(_)
+        ));
+    }
 }

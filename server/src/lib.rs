@@ -1,4 +1,26 @@
 //! statehouse-server: entities, their journal and their supervisors, served over gRPC.
+//!
+//! # Layout
+//!
+//! - [`grpc`]: tonic services; wire ↔ domain and errors → status codes. No logic.
+//! - [`shard`]: address → shard hashing, each shard's directory of active entities, and
+//!   [`shard::Shards`], the operations the API offers.
+//! - [`entity`]: the process of one active entity: mailbox, turn loop, activation,
+//!   passivation, recovery by replay.
+//! - [`behaviour`]: the code of entity types: the traits, the registry, the built-ins.
+//! - [`storage`]: the `Store` trait and its journal + sled implementation.
+//! - [`address`]: the `(type, key)` address every layer shares.
+//! - [`config`], [`server`] (wiring and ordered shutdown), [`shutdown`] (the signal).
+//!
+//! Dependencies point one way: `grpc → shard → entity → behaviour`, and `entity → storage`.
+//! Nothing below `grpc` knows about protobuf.
 
 pub mod address;
+pub mod behaviour;
+pub mod config;
+pub mod entity;
+pub mod grpc;
+pub mod server;
+pub mod shard;
+pub mod shutdown;
 pub mod storage;

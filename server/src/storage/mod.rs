@@ -13,6 +13,35 @@
 //!   a batch makes is a blind put or remove, so re-applying a suffix yields the same state.
 //! - A record that fails its checksum is an error naming the entity or the journal position;
 //!   it is never skipped silently.
+//! - Only the last journal segment can have a torn tail: the writer syncs a segment before it
+//!   starts the next, and a checkpoint deletes only segments wholly behind the position it
+//!   made durable in sled.
+//!
+//! Layout:
+//! - [`sled_store`]: [`SledStore`], the `Store` implementation: open, the async methods, close.
+//! - [`journal`]: segment files and the frame format; helpers to find records on disk.
+//! - `writer`: the group-commit thread that appends, syncs and applies.
+//! - `apply`: what each [`Op`] writes to sled (shared by live commits and replay).
+//! - [`keys`], `record`: the sled key layout and the checksummed value encoding.
+//! - `state`: the sled database, its trees and metadata, `load` and `list`.
+//! - `checkpoint`, [`recovery`]: making sled durable and trimming the journal; replay at open.
+//! - `shared`, `fsync`, `codec`: what the threads share, `fsync` helpers, byte readers.
+
+mod apply;
+mod checkpoint;
+mod codec;
+mod fsync;
+pub mod journal;
+pub mod keys;
+mod record;
+pub mod recovery;
+mod shared;
+pub mod sled_store;
+mod state;
+mod writer;
+
+#[cfg(test)]
+mod tests;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +49,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::address::EntityId;
+
+pub use recovery::RecoveryReport;
+pub use shared::StoreStats;
+pub use sled_store::SledStore;
+pub use state::{shard_tree_name, SHARD_COUNT_MAX};
+pub use writer::ROUND_BYTES_MAX;
 
 /// When `commit` may return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -156,6 +191,10 @@ pub enum StoreError {
     /// The store is closing or closed.
     #[error("the store is closed")]
     Closed,
+    /// The caller passed something the store cannot take (a shard out of range, an invalid
+    /// address, a batch over the size limit, a bad config); nothing was written.
+    #[error("invalid storage request: {0}")]
+    InvalidInput(String),
 }
 
 /// The engine's view of durable storage. Tests inject faults through it.

@@ -1,0 +1,80 @@
+//! Behaviours: the code of an entity type, like an OTP behaviour module.
+//!
+//! **Owns**: the erased [`Behaviour`] trait the engine runs, the typed [`TypedBehaviour`] trait
+//! Rust authors implement (adapted by [`Typed`]), the [`BehaviourRegistry`] of types, and the
+//! built-in types (`counter`, `register`, `kv`).
+//! **Knows nothing about** storage, mailboxes or protobuf: a behaviour maps
+//! `(state, message)` to a [`Turn`] and folds events into state, nothing else.
+//!
+//! Invariants:
+//! - `handle` never mutates state; only `apply` does, and the engine calls the same `apply`
+//!   for live turns and for replay, so a recovered entity cannot differ from the live one.
+//! - An `Err(BehaviourError::InvalidMessage)` from `handle` is a refusal, not a crash.
+
+pub mod builtin;
+mod registry;
+mod typed;
+
+use std::any::Any;
+
+pub use registry::{BehaviourRegistry, RegistryError};
+pub use typed::{Typed, TypedBehaviour, TypedTurn};
+
+/// The JSON-like value messages, replies, events and states are made of.
+pub type Value = serde_json::Value;
+
+/// An entity's state in its behaviour's own representation. Only the behaviour that created
+/// it can read it.
+pub type ErasedState = Box<dyn Any + Send + Sync>;
+
+/// What handling one message produced: the reply for the caller and the events to commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Turn {
+    pub reply: Value,
+    pub events: Vec<Value>,
+}
+
+/// Why a behaviour refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BehaviourError {
+    /// The message is malformed or names an unknown operation. Nothing is written and the
+    /// entity carries on; the caller gets `INVALID_ARGUMENT`.
+    #[error("{0}")]
+    InvalidMessage(String),
+    /// The handler failed: a crash of this turn.
+    #[error("{0}")]
+    Failed(String),
+    /// A stored state or event does not decode as this behaviour's type.
+    #[error("{0}")]
+    Decode(String),
+}
+
+/// The erased interface the engine runs. Implement [`TypedBehaviour`] instead and wrap it in
+/// [`Typed`], unless the behaviour's types are only known at run time (Lua).
+pub trait Behaviour: Send + Sync + 'static {
+    /// The entity type this behaviour serves, e.g. `counter`.
+    fn type_name(&self) -> &str;
+
+    /// The version of this behaviour's code; stored with every event and snapshot.
+    fn version(&self) -> u32;
+
+    /// The state of an entity that has never committed an event.
+    fn initial_state(&self, key: &str) -> ErasedState;
+
+    /// Handles one message against the committed state. Never mutates the state.
+    fn handle(
+        &self,
+        key: &str,
+        state: &ErasedState,
+        message: Value,
+    ) -> Result<Turn, BehaviourError>;
+
+    /// Folds one committed event into the state.
+    fn apply(&self, state: &mut ErasedState, event: &Value) -> Result<(), BehaviourError>;
+
+    /// The state as a value, for `Get` and snapshots.
+    fn state_to_value(&self, state: &ErasedState) -> Result<Value, BehaviourError>;
+
+    /// The state from a snapshot's value.
+    fn state_from_value(&self, value: Value) -> Result<ErasedState, BehaviourError>;
+}

@@ -1,0 +1,241 @@
+//! Server settings: defaults, the optional TOML file, and their checks.
+//!
+//! Precedence: built-in defaults, then the config file (`--config FILE`), then command-line
+//! flags. Every field of the file is optional; unknown fields are refused so a typo is not
+//! silently ignored.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::entity::EntityConfig;
+use crate::storage::{Durability, StoreConfig};
+
+/// The largest shard count a data dir may be created with.
+pub const SHARDS_MAX: u32 = 4096;
+
+/// Everything `statehouse-server` can be told.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on; port 0 picks a free port (the log says which).
+    pub listen: SocketAddr,
+    /// Data directory: sled state under `state/`, journal segments under `journal/`.
+    pub data_dir: PathBuf,
+    /// Shard count of a new data dir; an existing one keeps its own.
+    pub shards: u32,
+    /// `sync`: reply after the journal's fdatasync. `async`: reply after the write, sync
+    /// within `async_sync_window_ms`.
+    pub durability: Durability,
+    pub async_sync_window_ms: u64,
+    /// Write a snapshot after this many events of one entity (0: never).
+    pub snapshot_every_events: u64,
+    /// Passivate an entity after this long without messages.
+    pub idle_timeout_ms: u64,
+    /// Messages an entity's mailbox holds before `RESOURCE_EXHAUSTED`.
+    pub mailbox_capacity: usize,
+    /// Checkpoint (flush sled, trim the journal) at least this often.
+    pub checkpoint_interval_ms: u64,
+    /// …and whenever this many journal bytes were written since the last checkpoint.
+    pub checkpoint_journal_bytes: u64,
+    /// Start a new journal segment file past this size.
+    pub journal_segment_bytes: u64,
+    /// sled's page cache bound.
+    pub sled_cache_bytes: u64,
+    /// Commits handed to the journal writer and not yet durable, at most.
+    pub commits_pending_max: usize,
+    /// Largest gRPC request accepted.
+    pub message_bytes_max: usize,
+    /// How long a graceful shutdown may take before the process exits anyway.
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./data"),
+            shards: 16,
+            durability: Durability::Sync,
+            async_sync_window_ms: 100,
+            snapshot_every_events: 1000,
+            idle_timeout_ms: 60_000,
+            mailbox_capacity: 1024,
+            checkpoint_interval_ms: 5_000,
+            checkpoint_journal_bytes: 256 << 20,
+            journal_segment_bytes: 64 << 20,
+            sled_cache_bytes: 256 << 20,
+            commits_pending_max: 65_536,
+            message_bytes_max: 4 << 20,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Why the settings were refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{field} = {value}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads a TOML config file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Checks every bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, value: &dyn ToString, reason| {
+            Err(ConfigError::Invalid {
+                field,
+                value: value.to_string(),
+                reason,
+            })
+        };
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return invalid("shards", &self.shards, "must be between 1 and 4096");
+        }
+        if self.mailbox_capacity == 0 {
+            return invalid(
+                "mailbox_capacity",
+                &self.mailbox_capacity,
+                "must be at least 1",
+            );
+        }
+        if self.idle_timeout_ms == 0 {
+            return invalid(
+                "idle_timeout_ms",
+                &self.idle_timeout_ms,
+                "must be at least 1",
+            );
+        }
+        if self.checkpoint_interval_ms == 0 {
+            return invalid(
+                "checkpoint_interval_ms",
+                &self.checkpoint_interval_ms,
+                "must be at least 1",
+            );
+        }
+        if self.async_sync_window_ms == 0 {
+            return invalid(
+                "async_sync_window_ms",
+                &self.async_sync_window_ms,
+                "must be at least 1",
+            );
+        }
+        if self.journal_segment_bytes < 1 << 20 {
+            return invalid(
+                "journal_segment_bytes",
+                &self.journal_segment_bytes,
+                "must be at least 1 MiB",
+            );
+        }
+        if self.commits_pending_max == 0 {
+            return invalid(
+                "commits_pending_max",
+                &self.commits_pending_max,
+                "must be at least 1",
+            );
+        }
+        if self.message_bytes_max < 1024 {
+            return invalid(
+                "message_bytes_max",
+                &self.message_bytes_max,
+                "must be at least 1 KiB",
+            );
+        }
+        Ok(())
+    }
+
+    /// The storage layer's settings.
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            data_dir: self.data_dir.clone(),
+            shard_count: self.shards,
+            durability: self.durability,
+            async_sync_window: Duration::from_millis(self.async_sync_window_ms),
+            checkpoint_interval: Duration::from_millis(self.checkpoint_interval_ms),
+            checkpoint_journal_bytes: self.checkpoint_journal_bytes,
+            journal_segment_bytes: self.journal_segment_bytes,
+            sled_cache_bytes: self.sled_cache_bytes,
+            commits_pending_max: self.commits_pending_max,
+        }
+    }
+
+    /// Every entity process's settings.
+    pub fn entity_config(&self) -> EntityConfig {
+        EntityConfig {
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            snapshot_every_events: self.snapshot_every_events,
+            mailbox_capacity: self.mailbox_capacity,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_refuses_unknown_fields() {
+        let config: Config =
+            toml::from_str("shards = 4\ndurability = \"async\"\nlisten = \"127.0.0.1:0\"").unwrap();
+        assert_eq!(config.shards, 4);
+        assert_eq!(config.durability, Durability::Async);
+        assert_eq!(
+            config.snapshot_every_events,
+            Config::default().snapshot_every_events
+        );
+        assert!(toml::from_str::<Config>("shard = 4").is_err());
+    }
+
+    #[test]
+    fn refuses_out_of_range_values() {
+        let config = Config {
+            shards: 0,
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("shards"));
+        let config = Config {
+            mailbox_capacity: 0,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! What a mailbox carries: a request and the caller's deadline.
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::behaviour::Value;
+
+use super::EntityError;
+
+/// The answer to a `Call`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallReply {
+    pub reply: Value,
+    /// The entity's sequence number after the turn: the count of events it has committed.
+    pub seq: u64,
+}
+
+/// One request to an entity.
+#[derive(Debug)]
+pub enum Request {
+    /// Handle the message and reply once the turn is durable.
+    Call {
+        message: Value,
+        reply: oneshot::Sender<Result<CallReply, EntityError>>,
+    },
+    /// Handle the message; nobody waits for a reply.
+    Cast { message: Value },
+    /// Passivate. The reply says the entity was active (it always is, if it receives this).
+    Stop {
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    /// Remove the entity and all its durable data; the reply says whether it had any.
+    Delete {
+        reply: oneshot::Sender<Result<bool, EntityError>>,
+    },
+}
+
+/// A request in a mailbox, with the instant after which nobody waits for its answer.
+#[derive(Debug)]
+pub struct Envelope {
+    pub request: Request,
+    pub deadline: Option<Instant>,
+}
+
+impl Envelope {
+    /// Answers the request with an error without running it.
+    pub fn fail(self, error: EntityError) {
+        // A caller that gave up (dropped its receiver) needs no answer, so send errors are moot.
+        match self.request {
+            Request::Call { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Delete { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Stop { reply: Some(reply) } => {
+                let _ = reply.send(false);
+            }
+            Request::Stop { reply: None } => {}
+            Request::Cast { .. } => tracing::debug!(%error, "cast dropped"),
+        }
+    }
+
+    /// Whether the caller's deadline has passed.
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}

@@ -1,0 +1,53 @@
+//! The entity process: one tokio task per active entity, a bounded mailbox, one message at a
+//! time, activation from durable state, passivation when idle.
+//!
+//! **Owns**: the turn loop ([`process`]), the messages a mailbox carries ([`envelope`]),
+//! recovery of state from a snapshot plus events ([`recovery`]), the on-disk encoding of
+//! values ([`codec`]), and the errors every layer above reports ([`EntityError`]).
+//! **May call**: `behaviour/` (to handle and apply) and `storage/` (to commit and load).
+//! Routing and the directory of active entities belong to `shard/`, which this module reaches
+//! only through the [`EntityHost`] trait, so dependencies point one way.
+//!
+//! Invariants:
+//! - No reply leaves before the journal batch holding the turn's events is durable.
+//! - State changes only by `Behaviour::apply` of committed events, on the live path and on
+//!   replay alike.
+//! - A handler that fails or panics writes nothing and leaves the state as it was.
+
+pub mod codec;
+mod envelope;
+mod error;
+mod process;
+pub mod recovery;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use envelope::{CallReply, Envelope, Request};
+pub use error::EntityError;
+pub use process::{spawn, EntityHandle, SpawnArgs, StateView};
+
+use crate::address::EntityId;
+use crate::behaviour::Behaviour;
+
+/// Settings every entity process runs with.
+#[derive(Debug, Clone)]
+pub struct EntityConfig {
+    /// An entity with no message for this long is passivated.
+    pub idle_timeout: Duration,
+    /// A snapshot is written once this many events were committed since the last one
+    /// (0: never).
+    pub snapshot_every_events: u64,
+    /// Messages a mailbox holds before senders get `RESOURCE_EXHAUSTED`.
+    pub mailbox_capacity: usize,
+}
+
+/// What an entity process needs from the shard that hosts it.
+pub trait EntityHost: Send + Sync + 'static {
+    /// Removes the entity from the directory of active entities, if `generation` is still the
+    /// registered activation. After this, new messages start a new activation.
+    fn deregister(&self, id: &EntityId, generation: u64);
+
+    /// Routes a message again: it arrived while its entity was passivating.
+    fn reroute(&self, id: EntityId, behaviour: Arc<dyn Behaviour>, envelope: Envelope);
+}

@@ -1,0 +1,434 @@
+//! The turn loop of one active entity.
+//!
+//! An activation loads the entity's snapshot and events, then takes one message at a time from
+//! its mailbox: run the handler against the committed state, commit the turn's events as one
+//! journal batch, apply them, reply. Every `snapshot_every_events` events it commits a snapshot.
+//! After `idle_timeout` without messages, on `Stop`, or after `Delete`, it leaves the shard's
+//! directory and ends; messages that raced with that are routed to a new activation.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::address::EntityId;
+use crate::behaviour::{Behaviour, BehaviourError, ErasedState, Turn, Value};
+use crate::storage::{EntityBatch, Op, Store};
+
+use super::recovery::{self, Recovered};
+use super::{codec, CallReply, EntityConfig, EntityError, EntityHost, Envelope, Request};
+
+/// Everything a new activation needs.
+pub struct SpawnArgs {
+    pub id: EntityId,
+    pub shard: u32,
+    /// Distinguishes this activation from earlier and later ones of the same entity.
+    pub generation: u64,
+    pub behaviour: Arc<dyn Behaviour>,
+    pub store: Arc<dyn Store>,
+    pub host: Arc<dyn EntityHost>,
+    pub config: Arc<EntityConfig>,
+}
+
+/// The committed state of an entity, as `Get` returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateView {
+    pub state: Value,
+    pub seq: u64,
+}
+
+/// The shard's handle on an active entity: its mailbox and a view of its committed state.
+#[derive(Clone)]
+pub struct EntityHandle {
+    mailbox: mpsc::Sender<Envelope>,
+    generation: u64,
+    shared: Arc<Shared>,
+}
+
+/// State shared between the entity task and readers. `committed` is `None` until activation
+/// has loaded the entity; it only ever holds state whose events are durable.
+struct Shared {
+    id: EntityId,
+    behaviour: Arc<dyn Behaviour>,
+    committed: RwLock<Option<Committed>>,
+}
+
+struct Committed {
+    state: ErasedState,
+    seq: u64,
+}
+
+impl EntityHandle {
+    /// Puts a message in the mailbox without waiting; a full mailbox is an error.
+    pub fn try_send(&self, envelope: Envelope) -> Result<(), mpsc::error::TrySendError<Envelope>> {
+        self.mailbox.try_send(envelope)
+    }
+
+    /// Puts a message in the mailbox, waiting for room.
+    pub async fn send(&self, envelope: Envelope) -> Result<(), mpsc::error::SendError<Envelope>> {
+        self.mailbox.send(envelope).await
+    }
+
+    /// This activation's generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Messages waiting in the mailbox.
+    pub fn mailbox_len(&self) -> usize {
+        self.mailbox.max_capacity() - self.mailbox.capacity()
+    }
+
+    /// The last committed state, without waiting behind the mailbox; `None` while the entity
+    /// is still loading.
+    pub fn committed_state(&self) -> Option<Result<StateView, EntityError>> {
+        let guard = self.shared.committed.read();
+        let committed = guard.as_ref()?;
+        Some(
+            self.shared
+                .behaviour
+                .state_to_value(&committed.state)
+                .map(|state| StateView {
+                    state,
+                    seq: committed.seq,
+                })
+                .map_err(|e| EntityError::Crashed {
+                    entity: self.shared.id.clone(),
+                    reason: e.to_string(),
+                }),
+        )
+    }
+}
+
+/// Starts an activation on `tracker` and returns its handle. The entity loads its durable
+/// state before it takes its first message.
+pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
+    let (mailbox, inbox) = mpsc::channel(args.config.mailbox_capacity.max(1));
+    let shared = Arc::new(Shared {
+        id: args.id.clone(),
+        behaviour: args.behaviour.clone(),
+        committed: RwLock::new(None),
+    });
+    let handle = EntityHandle {
+        mailbox,
+        generation: args.generation,
+        shared: shared.clone(),
+    };
+    let process = Process {
+        id: args.id,
+        shard: args.shard,
+        generation: args.generation,
+        behaviour: args.behaviour,
+        store: args.store,
+        host: args.host,
+        config: args.config,
+        shared,
+        inbox,
+        seq: 0,
+        events_since_snapshot: 0,
+    };
+    tracker.spawn(process.run());
+    handle
+}
+
+/// What the loop does after a message.
+enum Next {
+    Continue,
+    Passivate,
+}
+
+struct Process {
+    id: EntityId,
+    shard: u32,
+    generation: u64,
+    behaviour: Arc<dyn Behaviour>,
+    store: Arc<dyn Store>,
+    host: Arc<dyn EntityHost>,
+    config: Arc<EntityConfig>,
+    shared: Arc<Shared>,
+    inbox: mpsc::Receiver<Envelope>,
+    /// Sequence number of the last committed event.
+    seq: u64,
+    events_since_snapshot: u64,
+}
+
+impl Process {
+    async fn run(mut self) {
+        if let Err(error) = self.activate().await {
+            tracing::warn!(entity = %self.id, %error, "activation failed");
+            self.fail_activation(error).await;
+            return;
+        }
+        loop {
+            let envelope =
+                match tokio::time::timeout(self.config.idle_timeout, self.inbox.recv()).await {
+                    Ok(Some(envelope)) => envelope,
+                    // Every sender is gone: the shard dropped this activation.
+                    Ok(None) => return,
+                    Err(_idle) if self.inbox.is_empty() => break,
+                    Err(_idle) => continue,
+                };
+            if let Next::Passivate = self.handle(envelope).await {
+                break;
+            }
+        }
+        self.passivate();
+    }
+
+    /// Loads the snapshot and events and installs the recovered state.
+    async fn activate(&mut self) -> Result<(), EntityError> {
+        let loaded = self
+            .store
+            .load(self.shard, &self.id)
+            .await
+            .map_err(|e| EntityError::from_store(&self.id, e))?;
+        let Recovered {
+            state,
+            seq,
+            events_since_snapshot,
+        } = recovery::recover(&*self.behaviour, &self.id, loaded)?;
+        self.seq = seq;
+        self.events_since_snapshot = events_since_snapshot;
+        *self.shared.committed.write() = Some(Committed { state, seq });
+        Ok(())
+    }
+
+    async fn handle(&mut self, envelope: Envelope) -> Next {
+        if envelope.expired() {
+            envelope.fail(EntityError::DeadlineExceeded(self.id.clone()));
+            return Next::Continue;
+        }
+        let (result, next) = match envelope.request {
+            Request::Call { message, reply } => {
+                let (result, next) = self.turn(message).await;
+                let _ = reply.send(result);
+                (Ok(()), next)
+            }
+            Request::Cast { message } => {
+                let (result, next) = self.turn(message).await;
+                (result.map(drop), next)
+            }
+            Request::Stop { reply } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(true);
+                }
+                return Next::Passivate;
+            }
+            Request::Delete { reply } => {
+                let _ = reply.send(self.delete().await);
+                return Next::Passivate;
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(entity = %self.id, %error, "cast failed");
+        }
+        if let Next::Continue = next {
+            self.maybe_snapshot().await;
+        }
+        next
+    }
+
+    /// Runs one message: handler, commit, apply. Returns the reply and whether the entity
+    /// can go on (it cannot after a failure that leaves its in-memory state in doubt).
+    async fn turn(&mut self, message: Value) -> (Result<CallReply, EntityError>, Next) {
+        let turn = match self.run_handler(message) {
+            Ok(turn) => turn,
+            Err(error) => return (Err(error), Next::Continue),
+        };
+        if turn.events.is_empty() {
+            return (
+                Ok(CallReply {
+                    reply: turn.reply,
+                    seq: self.seq,
+                }),
+                Next::Continue,
+            );
+        }
+        if let Err(error) = self.commit_events(&turn.events).await {
+            // The journal may or may not hold the batch; reload from storage to find out.
+            return (Err(error), Next::Passivate);
+        }
+        if let Err(error) = self.apply_committed(&turn.events) {
+            return (Err(error), Next::Passivate);
+        }
+        (
+            Ok(CallReply {
+                reply: turn.reply,
+                seq: self.seq,
+            }),
+            Next::Continue,
+        )
+    }
+
+    /// Calls the behaviour's handler against the committed state, turning a panic into a crash.
+    fn run_handler(&self, message: Value) -> Result<Turn, EntityError> {
+        let guard = self.shared.committed.read();
+        let Some(committed) = guard.as_ref() else {
+            return Err(self.crashed("the entity has no state loaded".into()));
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            self.behaviour
+                .handle(&self.id.key, &committed.state, message)
+        }));
+        match outcome {
+            Ok(Ok(turn)) => Ok(turn),
+            Ok(Err(BehaviourError::InvalidMessage(reason))) => Err(EntityError::InvalidMessage {
+                entity: self.id.clone(),
+                reason,
+            }),
+            Ok(Err(error)) => Err(self.crashed(error.to_string())),
+            Err(panic) => {
+                Err(self.crashed(format!("handler panicked: {}", panic_message(&*panic))))
+            }
+        }
+    }
+
+    /// Writes the turn's events as one journal batch and waits until it is durable.
+    async fn commit_events(&mut self, events: &[Value]) -> Result<(), EntityError> {
+        let version = self.behaviour.version();
+        let ops = events
+            .iter()
+            .zip(self.seq + 1..)
+            .map(|(event, seq)| {
+                Ok(Op::Event {
+                    seq,
+                    behaviour_version: version,
+                    payload: codec::encode(&self.id, event)?,
+                })
+            })
+            .collect::<Result<Vec<_>, EntityError>>()?;
+        self.commit(ops).await
+    }
+
+    /// Folds committed events into the state; the same `apply` replay uses.
+    fn apply_committed(&mut self, events: &[Value]) -> Result<(), EntityError> {
+        let mut guard = self.shared.committed.write();
+        let Some(committed) = guard.as_mut() else {
+            return Err(self.crashed("the entity has no state loaded".into()));
+        };
+        for event in events {
+            let applied = catch_unwind(AssertUnwindSafe(|| {
+                self.behaviour.apply(&mut committed.state, event)
+            }));
+            let failure = match applied {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(panic) => Some(format!("apply panicked: {}", panic_message(&*panic))),
+            };
+            if let Some(reason) = failure {
+                // The events are durable but this activation's state is now in doubt: forget it,
+                // so no reader sees it, and let the next activation replay from storage.
+                *guard = None;
+                return Err(
+                    self.crashed(format!("{reason} (after the turn's events were committed)"))
+                );
+            }
+            committed.seq += 1;
+        }
+        self.seq = committed.seq;
+        self.events_since_snapshot += events.len() as u64;
+        Ok(())
+    }
+
+    /// Commits a snapshot once enough events have accumulated since the last one. A failed
+    /// snapshot costs nothing but replay time, so it is logged, not reported to a caller.
+    async fn maybe_snapshot(&mut self) {
+        let every = self.config.snapshot_every_events;
+        if every == 0 || self.events_since_snapshot < every {
+            return;
+        }
+        let payload = {
+            let guard = self.shared.committed.read();
+            let Some(committed) = guard.as_ref() else {
+                return;
+            };
+            self.behaviour
+                .state_to_value(&committed.state)
+                .map_err(|e| self.crashed(e.to_string()))
+                .and_then(|value| codec::encode(&self.id, &value))
+        };
+        let op = match payload {
+            Ok(payload) => Op::Snapshot {
+                seq: self.seq,
+                behaviour_version: self.behaviour.version(),
+                payload,
+            },
+            Err(error) => {
+                tracing::warn!(entity = %self.id, %error, "snapshot skipped");
+                return;
+            }
+        };
+        match self.commit(vec![op]).await {
+            Ok(()) => self.events_since_snapshot = 0,
+            Err(error) => tracing::warn!(entity = %self.id, %error, "snapshot failed"),
+        }
+    }
+
+    /// Removes the entity's durable data. Returns whether it had any.
+    async fn delete(&mut self) -> Result<bool, EntityError> {
+        let existed = self.seq > 0;
+        if existed {
+            self.commit(vec![Op::Delete]).await?;
+        }
+        *self.shared.committed.write() = None;
+        Ok(existed)
+    }
+
+    async fn commit(&self, ops: Vec<Op>) -> Result<(), EntityError> {
+        let batch = EntityBatch {
+            shard: self.shard,
+            entity: self.id.clone(),
+            ops,
+        };
+        self.store
+            .commit(batch)
+            .await
+            .map_err(|e| EntityError::from_store(&self.id, e))
+    }
+
+    /// Leaves the directory; messages that slipped in meanwhile go to a new activation.
+    fn passivate(&mut self) {
+        self.host.deregister(&self.id, self.generation);
+        self.inbox.close();
+        while let Ok(envelope) = self.inbox.try_recv() {
+            self.host
+                .reroute(self.id.clone(), self.behaviour.clone(), envelope);
+        }
+    }
+
+    /// The entity could not be loaded: answer everything waiting with the reason and leave.
+    /// `Delete` still works, so an operator can remove a corrupt entity.
+    async fn fail_activation(&mut self, error: EntityError) {
+        self.host.deregister(&self.id, self.generation);
+        self.inbox.close();
+        while let Ok(envelope) = self.inbox.try_recv() {
+            match envelope.request {
+                Request::Delete { reply } => {
+                    let result = self.commit(vec![Op::Delete]).await.map(|()| true);
+                    let _ = reply.send(result);
+                }
+                _ => envelope.fail(error.clone()),
+            }
+        }
+    }
+
+    fn crashed(&self, reason: String) -> EntityError {
+        EntityError::Crashed {
+            entity: self.id.clone(),
+            reason,
+        }
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}

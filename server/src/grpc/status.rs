@@ -1,0 +1,53 @@
+//! The one place where domain errors become gRPC status codes (DESIGN §7).
+
+use tonic::{Code, Status};
+
+use crate::entity::EntityError;
+
+/// The status code a client sees for each error.
+pub fn code_of(error: &EntityError) -> Code {
+    match error {
+        EntityError::InvalidAddress(_)
+        | EntityError::InvalidMessage { .. }
+        | EntityError::InvalidPageToken(_) => Code::InvalidArgument,
+        EntityError::UnknownType { .. } | EntityError::NotFound(_) => Code::NotFound,
+        EntityError::MailboxFull { .. } => Code::ResourceExhausted,
+        EntityError::Crashed { .. } => Code::Aborted,
+        EntityError::Corrupt { .. } => Code::DataLoss,
+        EntityError::RecoveryFailed { .. } | EntityError::Storage { .. } => Code::Internal,
+        EntityError::StorageUnavailable { .. } | EntityError::ShuttingDown => Code::Unavailable,
+        EntityError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+    }
+}
+
+impl From<EntityError> for Status {
+    fn from(error: EntityError) -> Self {
+        Status::new(code_of(&error), error.to_string())
+    }
+}
+
+/// A request whose fields are malformed before any domain type could be built.
+pub fn invalid_argument(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::EntityId;
+
+    #[test]
+    fn messages_name_the_entity() {
+        let entity = EntityId::new("counter", "k1").unwrap();
+        let status = Status::from(EntityError::MailboxFull {
+            entity,
+            capacity: 8,
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("counter/k1"),
+            "{}",
+            status.message()
+        );
+    }
+}

@@ -1,0 +1,171 @@
+//! Wiring: opens the store, builds the shards, serves gRPC, and shuts down in order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use statehouse_proto::v1::entity_service_server::EntityServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::behaviour::BehaviourRegistry;
+use crate::config::{Config, ConfigError};
+use crate::grpc::EntityApi;
+use crate::shard::Shards;
+use crate::shutdown::Shutdown;
+use crate::storage::{SledStore, Store, StoreError};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open data dir: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server reflection: {0}")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("graceful shutdown did not finish within {0:?}")]
+    ShutdownTimeout(Duration),
+    #[error("start-up task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A statehouse server: configuration plus the entity types it serves.
+pub struct Server {
+    config: Config,
+    registry: BehaviourRegistry,
+}
+
+impl Server {
+    /// A server with the built-in entity types.
+    pub fn new(config: Config) -> Self {
+        Server::with_registry(config, BehaviourRegistry::with_builtins())
+    }
+
+    /// A server with the given entity types (embedders add their own Rust behaviours here).
+    pub fn with_registry(config: Config, registry: BehaviourRegistry) -> Self {
+        Server { config, registry }
+    }
+
+    /// Opens the data dir (migrations and journal recovery run here), serves until `shutdown`
+    /// triggers, then shuts down gracefully: no new RPCs, in-flight ones finish, every entity
+    /// drains its mailbox, the journal syncs and a checkpoint runs.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), ServerError> {
+        let config = self.config;
+        config.validate()?;
+        let store_config = config.store_config();
+        tracing::info!(data_dir = %config.data_dir.display(), "opening data dir");
+        let store: Arc<dyn Store> =
+            tokio::task::spawn_blocking(move || SledStore::open(store_config)).await??;
+        tracing::info!(shards = store.shard_count(), durability = ?config.durability, "data dir ready");
+
+        let shards = Arc::new(Shards::new(
+            Arc::new(self.registry),
+            store.clone(),
+            config.entity_config(),
+        ));
+        let served = serve(&config, shards.clone(), shutdown.clone()).await;
+
+        // Whatever ended serving, entities and the store still close in order.
+        shutdown.trigger();
+        shards.shutdown().await;
+        let closed = store.close().await;
+        served?;
+        closed?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Binds the listener and serves gRPC until `shutdown`.
+async fn serve(
+    config: &Config,
+    shards: Arc<Shards>,
+    shutdown: Shutdown,
+) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(|source| ServerError::Bind {
+        address: config.listen,
+        source,
+    })?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<EntityServiceServer<EntityApi>>()
+        .await;
+    // Both reflection versions: grpcurl and Python's grpcio-reflection still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(statehouse_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(ServerError::Reflection)?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(ServerError::Reflection)?;
+    let entities = EntityServiceServer::new(EntityApi::new(shards))
+        .max_decoding_message_size(config.message_bytes_max)
+        .max_encoding_message_size(config.message_bytes_max);
+
+    tracing::info!("listening on {address}");
+    let stopping = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.triggered().await;
+            health_reporter
+                .set_not_serving::<EntityServiceServer<EntityApi>>()
+                .await;
+            tracing::info!("no longer accepting requests; finishing those in flight");
+        }
+    };
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(entities)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+        .await?;
+    Ok(())
+}
+
+/// Runs `server` until SIGTERM or Ctrl-C, with the shutdown bounded by
+/// `shutdown_timeout_ms`. For `main`.
+pub async fn run_until_signalled(server: Server) -> Result<(), ServerError> {
+    let shutdown = Shutdown::new();
+    shutdown
+        .trigger_on_signals()
+        .map_err(ServerError::Signals)?;
+    let timeout = Duration::from_millis(server.config.shutdown_timeout_ms);
+    let running = server.run(shutdown.clone());
+    tokio::pin!(running);
+    tokio::select! {
+        result = &mut running => return result,
+        () = shutdown.triggered() => {}
+    }
+    match tokio::time::timeout(timeout, running).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!(
+                ?timeout,
+                "graceful shutdown took too long; exiting without it"
+            );
+            Err(ServerError::ShutdownTimeout(timeout))
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Shards: key → shard routing and the operations the API offers on entities.
+//!
+//! **Owns**: the stable address → shard hash ([`hash`]), each shard's directory of active
+//! entities ([`directory`]), and [`Shards`], the one entry point `grpc/` calls.
+//! **May call**: `entity/` (spawn, mailboxes, recovery), `behaviour/` (the registry) and
+//! `storage/` (reads of passive entities, listing). Knows nothing about protobuf.
+//!
+//! Invariants:
+//! - The shard count is the data dir's own, fixed at creation; an address always maps to the
+//!   same shard.
+//! - There is no global lock on the call path: each shard has its own directory lock.
+//! - After [`Shards::shutdown`] begins, no entity is activated and no message is accepted.
+
+mod directory;
+pub mod hash;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use crate::address::EntityId;
+use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
+use crate::entity::{recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView};
+use crate::storage::Store;
+
+use directory::{Shard, ShardContext};
+
+/// The default and largest page sizes of `list`.
+pub const LIST_PAGE_SIZE_DEFAULT: usize = 100;
+pub const LIST_PAGE_SIZE_MAX: usize = 1000;
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub keys: Vec<String>,
+    /// Where the next page starts; `None` when this was the last.
+    pub next_page_token: Option<String>,
+}
+
+/// Every shard of the server, and the operations on entities.
+pub struct Shards {
+    shards: Vec<Arc<Shard>>,
+    registry: Arc<BehaviourRegistry>,
+    context: Arc<ShardContext>,
+}
+
+impl Shards {
+    /// Builds one shard per shard of the store. No entity is active yet.
+    pub fn new(
+        registry: Arc<BehaviourRegistry>,
+        store: Arc<dyn Store>,
+        config: EntityConfig,
+    ) -> Self {
+        let context = Arc::new(ShardContext {
+            store: store.clone(),
+            config: Arc::new(config),
+            tracker: TaskTracker::new(),
+            closing: AtomicBool::new(false),
+            generations: AtomicU64::new(0),
+        });
+        let shards = (0..store.shard_count())
+            .map(|index| Shard::new(index, context.clone()))
+            .collect();
+        Shards {
+            shards,
+            registry,
+            context,
+        }
+    }
+
+    /// Sends a message and waits for the reply, which comes once the turn is durable.
+    /// With a deadline, gives up at that instant (the entity skips the message if it has not
+    /// started it by then).
+    pub async fn call(
+        &self,
+        id: EntityId,
+        message: Value,
+        deadline: Option<Instant>,
+    ) -> Result<CallReply, EntityError> {
+        let (reply, answer) = oneshot::channel();
+        self.route(
+            &id,
+            Envelope {
+                request: Request::Call { message, reply },
+                deadline,
+            },
+        )?;
+        let answer = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| EntityError::DeadlineExceeded(id.clone()))?,
+            None => answer.await,
+        };
+        answer.unwrap_or_else(|_| Err(stopped_before_reply(&id)))
+    }
+
+    /// Enqueues a message without waiting for it to be handled.
+    pub fn cast(&self, id: EntityId, message: Value) -> Result<(), EntityError> {
+        self.route(
+            &id,
+            Envelope {
+                request: Request::Cast { message },
+                deadline: None,
+            },
+        )
+    }
+
+    /// The entity's last committed state, without waiting behind its mailbox. A passive
+    /// entity is read from storage without being activated.
+    pub async fn get(&self, id: EntityId) -> Result<(StateView, bool), EntityError> {
+        let (shard, behaviour) = self.locate(&id)?;
+        if let Some(view) = shard
+            .active(&id)
+            .and_then(|handle| handle.committed_state())
+        {
+            let view = view?;
+            if view.seq == 0 {
+                return Err(EntityError::NotFound(id));
+            }
+            return Ok((view, true));
+        }
+        let loaded = self
+            .context
+            .store
+            .load(self.shard_index(&id), &id)
+            .await
+            .map_err(|e| EntityError::from_store(&id, e))?;
+        if !loaded.exists() {
+            return Err(EntityError::NotFound(id));
+        }
+        let recovered = recovery::recover(&**behaviour, &id, loaded)?;
+        let state = behaviour.state_to_value(&recovered.state).map_err(|e| {
+            EntityError::RecoveryFailed {
+                entity: id.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        Ok((
+            StateView {
+                state,
+                seq: recovered.seq,
+            },
+            false,
+        ))
+    }
+
+    /// Passivates the entity if it is active; returns whether it was.
+    pub async fn stop(&self, id: EntityId) -> Result<bool, EntityError> {
+        let (shard, _) = self.locate(&id)?;
+        let Some(handle) = shard.active(&id) else {
+            return Ok(false);
+        };
+        let (reply, answer) = oneshot::channel();
+        let envelope = Envelope {
+            request: Request::Stop { reply: Some(reply) },
+            deadline: None,
+        };
+        if handle.send(envelope).await.is_err() {
+            // It passivated on its own meanwhile.
+            return Ok(false);
+        }
+        Ok(answer.await.unwrap_or(false))
+    }
+
+    /// Removes the entity and all its durable data; returns whether it had any.
+    pub async fn delete(
+        &self,
+        id: EntityId,
+        deadline: Option<Instant>,
+    ) -> Result<bool, EntityError> {
+        let (reply, answer) = oneshot::channel();
+        self.route(
+            &id,
+            Envelope {
+                request: Request::Delete { reply },
+                deadline,
+            },
+        )?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(stopped_before_reply(&id)))
+    }
+
+    /// Keys of existing entities of a type, in byte order, from after `page_token`.
+    pub async fn list(
+        &self,
+        entity_type: &str,
+        key_prefix: &str,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<ListPage, EntityError> {
+        self.behaviour(entity_type)?;
+        if let Some(token) = page_token {
+            if !token.starts_with(key_prefix) {
+                return Err(EntityError::InvalidPageToken(token.to_owned()));
+            }
+        }
+        let page_size = match page_size {
+            0 => LIST_PAGE_SIZE_DEFAULT,
+            n => n.min(LIST_PAGE_SIZE_MAX),
+        };
+        let listing_id = EntityId {
+            entity_type: entity_type.to_owned(),
+            key: key_prefix.to_owned(),
+        };
+        let mut keys = self
+            .context
+            .store
+            .list(entity_type, key_prefix, page_token, page_size + 1)
+            .await
+            .map_err(|e| EntityError::from_store(&listing_id, e))?;
+        let next_page_token = if keys.len() > page_size {
+            keys.truncate(page_size);
+            keys.last().cloned()
+        } else {
+            None
+        };
+        Ok(ListPage {
+            keys,
+            next_page_token,
+        })
+    }
+
+    /// Number of active entities over all shards.
+    pub fn active_count(&self) -> usize {
+        self.shards.iter().map(|shard| shard.active_count()).sum()
+    }
+
+    /// Stops taking messages, lets every active entity finish what is in its mailbox, and
+    /// waits until all of them have ended.
+    pub async fn shutdown(&self) {
+        self.context.closing.store(true, Ordering::Release);
+        for shard in &self.shards {
+            for handle in shard.active_handles() {
+                let envelope = Envelope {
+                    request: Request::Stop { reply: None },
+                    deadline: None,
+                };
+                // An error means the entity already ended.
+                let _ = handle.send(envelope).await;
+            }
+        }
+        self.context.tracker.close();
+        self.context.tracker.wait().await;
+    }
+
+    fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
+        let (shard, behaviour) = self.locate(id)?;
+        shard
+            .route(id, behaviour, envelope)
+            .map_err(|undelivered| undelivered.error)
+    }
+
+    /// Validates the address and finds the entity's shard and behaviour.
+    fn locate(&self, id: &EntityId) -> Result<(&Arc<Shard>, &Arc<dyn Behaviour>), EntityError> {
+        id.validate()?;
+        let behaviour = self.behaviour(&id.entity_type)?;
+        Ok((&self.shards[self.shard_index(id) as usize], behaviour))
+    }
+
+    fn shard_index(&self, id: &EntityId) -> u32 {
+        hash::shard_of(id, self.shards.len() as u32)
+    }
+
+    fn behaviour(&self, entity_type: &str) -> Result<&Arc<dyn Behaviour>, EntityError> {
+        self.registry
+            .get(entity_type)
+            .ok_or_else(|| EntityError::UnknownType {
+                name: entity_type.to_owned(),
+                known: self.registry.type_names().collect::<Vec<_>>().join(", "),
+            })
+    }
+}
+
+fn stopped_before_reply(id: &EntityId) -> EntityError {
+    EntityError::Crashed {
+        entity: id.clone(),
+        reason: "the entity stopped before replying".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,139 @@
+//! Checkpoints: making sled durable up to a journal position, then trimming the journal.
+//!
+//! **Owns**: [`checkpoint`] and the checkpointer thread that runs it every
+//! `checkpoint_interval`, when the writer reports `checkpoint_journal_bytes` written, and on
+//! request.
+//!
+//! A checkpoint takes the writer's checkpointable position P (every frame before it is
+//! applied to sled and synced in the journal), records P in `meta`, flushes sled, `fsync`s
+//! every file and directory under the state dir (sled's flush alone is not power-loss
+//! durable, sled issue 1452), and only then deletes the journal segments wholly before P's
+//! segment. It never holds a lock the writer needs: it reads P under a short lock, and sled
+//! writes proceed during the flush (those after P are simply replayed again after a crash).
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::fsync::{io_error, sled_error, sync_dir, sync_tree};
+use super::journal::segment::list_segments;
+use super::journal::JournalPosition;
+use super::shared::{Counters, Shared};
+use super::StoreError;
+
+/// The shortest interval between periodic checkpoints, whatever the configuration says.
+pub const CHECKPOINT_INTERVAL_MIN: Duration = Duration::from_millis(10);
+
+/// What one checkpoint did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CheckpointOutcome {
+    pub position: JournalPosition,
+    pub segments_deleted: usize,
+}
+
+/// Runs one checkpoint. Blocking; checkpoints are serialised by `Shared::checkpoint_lock`.
+pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreError> {
+    let mut last = shared.checkpoint_lock.lock();
+    let position = *shared.checkpointable.lock();
+    debug_assert!(last.is_none_or(|l| l <= position), "checkpoints go forward");
+
+    shared.state.write_checkpoint(position)?;
+    shared
+        .state
+        .db
+        .flush()
+        .map_err(|e| sled_error("flushing sled for a checkpoint", e))?;
+    sync_tree(&shared.state_dir)?;
+
+    // Only now is sled durable up to `position`; the segments before it can go. The
+    // writer's own segment is never deleted, and P never points past it.
+    let writer_segment = shared.writer_segment.load(Ordering::SeqCst);
+    let keep_from = position.segment.min(writer_segment);
+    let mut deleted = 0;
+    for (id, path) in list_segments(&shared.journal_dir)? {
+        if id >= keep_from {
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => deleted += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(io_error(
+                    format!("deleting journal segment {}", path.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    if deleted > 0 {
+        sync_dir(&shared.journal_dir)?;
+    }
+    *last = Some(position);
+    Counters::add(&shared.counters.checkpoints, 1);
+    Counters::add(&shared.counters.segments_deleted, deleted as u64);
+    tracing::debug!(%position, segments_deleted = deleted, "checkpoint");
+    Ok(CheckpointOutcome {
+        position,
+        segments_deleted: deleted,
+    })
+}
+
+/// Whether the writer moved past the last checkpoint, i.e. there is journal to trim.
+fn worth_it(shared: &Shared) -> bool {
+    let last = *shared.checkpoint_lock.lock();
+    last != Some(*shared.checkpointable.lock())
+}
+
+/// Messages to the checkpointer thread.
+pub(crate) enum CheckpointRequest {
+    /// Run one now and answer.
+    Now(oneshot::Sender<Result<(), StoreError>>),
+    /// The writer wrote `checkpoint_journal_bytes` since its last request.
+    JournalBytes,
+    /// Exit.
+    Stop,
+}
+
+/// The checkpointer thread's loop. Periodic and journal-bytes checkpoints that fail are
+/// logged and retried at the next occasion; requested ones report their error.
+pub(crate) fn run_checkpointer(
+    shared: Arc<Shared>,
+    requests: Receiver<CheckpointRequest>,
+    interval: Duration,
+) {
+    let interval = interval.max(CHECKPOINT_INTERVAL_MIN);
+    let mut due = Instant::now() + interval;
+    loop {
+        let wait = due.saturating_duration_since(Instant::now());
+        match requests.recv_timeout(wait) {
+            Ok(CheckpointRequest::Now(reply)) => {
+                let outcome = checkpoint(&shared).map(|_| ());
+                let _ = reply.send(outcome);
+            }
+            Ok(CheckpointRequest::JournalBytes) => {
+                shared.checkpoint_requested.store(false, Ordering::SeqCst);
+                if worth_it(&shared) {
+                    run_logged(&shared, "journal bytes");
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if worth_it(&shared) {
+                    run_logged(&shared, "interval");
+                }
+            }
+            Ok(CheckpointRequest::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if Instant::now() >= due {
+            due = Instant::now() + interval;
+        }
+    }
+}
+
+fn run_logged(shared: &Shared, trigger: &str) {
+    if let Err(e) = checkpoint(shared) {
+        tracing::error!(trigger, error = %e, "checkpoint failed; the journal is kept and the next checkpoint retries");
+    }
+}

@@ -1,0 +1,242 @@
+//! Recovery at open: replaying the journal after the last checkpoint into sled.
+//!
+//! **Owns**: deciding, segment by segment, what is a torn tail (cut off with a warning),
+//! what is damage (open fails with [`StoreError::CorruptJournal`]) and which entities a damaged
+//! record makes corrupt (an `x` marker, so `load` refuses them by name).
+//!
+//! The rules, for the frames after the checkpoint position P:
+//! - A head that does not verify, in the last segment, with no verifying head anywhere after
+//!   it, or a frame running past the end of the last segment: a torn tail. The segment is
+//!   truncated there.
+//! - A head that does not verify with a verifying head later in the segment, or any bad head
+//!   or short frame in a segment that is not the last: `CorruptJournal`.
+//! - A verified head whose body fails its CRC: if it is the last frame of the last segment and
+//!   nothing verifies after it, a torn tail (an append cut short inside the body, or followed
+//!   by zeros a crash left); otherwise the entity gets an `x` marker and its later frames in
+//!   this replay are skipped (applying them to state missing a batch would be wrong).
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use crate::address::EntityId;
+
+use super::apply::{plan, SledOp, StagedWrites};
+use super::fsync::{io_error, sled_error};
+use super::journal::frame::decode_body;
+use super::journal::scan::{scan, ScanEnd, ScannedFrame};
+use super::journal::segment::list_segments;
+use super::journal::JournalPosition;
+use super::keys;
+use super::state::State;
+use super::StoreError;
+
+/// What recovery found and did, for the start-up log and for tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The checkpoint replay started from, if the data dir had one.
+    pub checkpoint: Option<JournalPosition>,
+    /// Segments read.
+    pub segments_replayed: usize,
+    /// Frames applied to sled.
+    pub frames_replayed: u64,
+    /// Torn tails cut off: the segment and the offset it was truncated at.
+    pub torn_tails: Vec<(PathBuf, u64)>,
+    /// Entities marked corrupt: shard, entity and the marker's detail.
+    pub corrupt_entities: Vec<(u32, EntityId, String)>,
+    /// The id of the segment the writer starts.
+    pub next_segment: u64,
+}
+
+/// Replays the journal in `journal_dir` after the checkpoint recorded in `state`.
+pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryReport, StoreError> {
+    let checkpoint = state.read_checkpoint()?;
+    let start = checkpoint.unwrap_or_default();
+    let segments = list_segments(journal_dir)?;
+    let last_id = segments.last().map(|(id, _)| *id);
+    let mut report = RecoveryReport {
+        checkpoint,
+        next_segment: last_id.unwrap_or(0).max(start.segment) + 1,
+        ..RecoveryReport::default()
+    };
+    let mut skipped: HashSet<(u32, EntityId)> = HashSet::new();
+
+    for (id, path) in segments {
+        // Segments before the checkpoint's are covered by sled; a crash between recording a
+        // checkpoint and deleting them leaves them behind, and the next checkpoint deletes them.
+        if id < start.segment {
+            continue;
+        }
+        let is_last = Some(id) == last_id;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| io_error(format!("reading journal segment {}", path.display()), e))?;
+        let from = if id == start.segment { start.offset } else { 0 };
+        if from > bytes.len() as u64 {
+            if is_last {
+                // Possible with `Durability::Async`: sled was checkpointed with batches whose
+                // journal bytes a power cut then lost. sled has them; nothing to replay.
+                tracing::warn!(
+                    segment = %path.display(),
+                    checkpoint_offset = from,
+                    len = bytes.len(),
+                    "journal segment is shorter than the checkpoint position; nothing to replay in it"
+                );
+                continue;
+            }
+            return Err(StoreError::CorruptJournal {
+                segment: path,
+                offset: bytes.len() as u64,
+                detail: format!("the segment ends before the checkpoint position (offset {from})"),
+            });
+        }
+        report.segments_replayed += 1;
+        let mut scanned = scan(&bytes, from as usize);
+
+        let mut cut_at = match &scanned.end {
+            ScanEnd::Clean => None,
+            ScanEnd::Damaged {
+                offset,
+                next_valid,
+                detail,
+            } => {
+                return Err(StoreError::CorruptJournal {
+                    segment: path,
+                    offset: *offset,
+                    detail: format!(
+                        "{detail}; a valid record follows at offset {next_valid}, so this is damage, not a torn tail"
+                    ),
+                });
+            }
+            ScanEnd::Torn { offset, detail } | ScanEnd::Incomplete { offset, detail } => {
+                let offset = *offset;
+                if !is_last {
+                    return Err(StoreError::CorruptJournal {
+                        segment: path,
+                        offset,
+                        detail: format!("{detail}, in a segment that is not the last"),
+                    });
+                }
+                tracing::warn!(segment = %path.display(), offset, detail = %detail, "torn journal tail");
+                Some(offset)
+            }
+        };
+        // A bad body is a torn tail only if nothing verifiable follows it, not even an
+        // incomplete frame.
+        let nothing_after = matches!(scanned.end, ScanEnd::Clean | ScanEnd::Torn { .. });
+        if is_last && nothing_after && scanned.frames.last().is_some_and(|f| !f.body_ok) {
+            if let Some(frame) = scanned.frames.pop() {
+                tracing::warn!(
+                    segment = %path.display(),
+                    offset = frame.offset,
+                    entity = %frame.head.entity,
+                    "the last journal record failed its body CRC32C check with nothing after it: torn tail"
+                );
+                cut_at = Some(frame.offset);
+            }
+        }
+
+        for frame in &scanned.frames {
+            replay_frame(state, &path, &bytes, frame, &mut skipped, &mut report)?;
+        }
+
+        if let Some(offset) = cut_at {
+            truncate(&path, offset)?;
+            tracing::warn!(segment = %path.display(), offset, "journal segment truncated at its torn tail");
+            report.torn_tails.push((path, offset));
+        }
+    }
+    Ok(report)
+}
+
+fn replay_frame(
+    state: &State,
+    path: &Path,
+    bytes: &[u8],
+    frame: &ScannedFrame,
+    skipped: &mut HashSet<(u32, EntityId)>,
+    report: &mut RecoveryReport,
+) -> Result<(), StoreError> {
+    let head = &frame.head;
+    if head.shard >= state.shard_count() {
+        return Err(StoreError::CorruptJournal {
+            segment: path.to_path_buf(),
+            offset: frame.offset,
+            detail: format!(
+                "the record names shard {} but this data dir has {} shards",
+                head.shard,
+                state.shard_count()
+            ),
+        });
+    }
+    let entity_key = (head.shard, head.entity.clone());
+    if skipped.contains(&entity_key) {
+        return Ok(());
+    }
+    let segment_name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let problem = if frame.body_ok {
+        let start = frame.offset as usize + head.body_offset();
+        let body = bytes.get(start..start + head.body_len);
+        match body.map(decode_body) {
+            Some(Ok(ops)) => {
+                let writes = plan(&head.entity, &ops);
+                apply_writes(state, head.shard, &writes)?;
+                report.frames_replayed += 1;
+                return Ok(());
+            }
+            Some(Err(detail)) => format!(
+                "journal record in segment {segment_name} at offset {} could not be decoded: {detail}",
+                frame.offset
+            ),
+            None => format!(
+                "journal record in segment {segment_name} at offset {} lies outside the segment",
+                frame.offset
+            ),
+        }
+    } else {
+        format!(
+            "journal record in segment {segment_name} at offset {} failed its CRC32C check",
+            frame.offset
+        )
+    };
+    tracing::error!(entity = %head.entity, shard = head.shard, detail = problem, "entity marked corrupt");
+    // Staged like any write, so a later batch (there is none: the entity is skipped from now
+    // on) could never reorder with it.
+    apply_writes(
+        state,
+        head.shard,
+        &[SledOp::Put {
+            key: keys::corrupt_key(&head.entity),
+            value: problem.clone().into_bytes(),
+        }],
+    )?;
+    skipped.insert(entity_key);
+    report
+        .corrupt_entities
+        .push((head.shard, head.entity.clone(), problem));
+    Ok(())
+}
+
+fn apply_writes(state: &State, shard: u32, writes: &[SledOp]) -> Result<(), StoreError> {
+    let shard_state = state.shard(shard)?;
+    let mut staged = StagedWrites::new();
+    staged
+        .stage(&shard_state.tree, writes)
+        .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))?;
+    let _applying = shard_state.apply_lock.write();
+    staged
+        .apply(&shard_state.tree)
+        .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))
+}
+
+fn truncate(path: &Path, offset: u64) -> Result<(), StoreError> {
+    let context = || format!("truncating journal segment {} at {offset}", path.display());
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| io_error(context(), e))?;
+    file.set_len(offset).map_err(|e| io_error(context(), e))?;
+    file.sync_all().map_err(|e| io_error(context(), e))
+}

@@ -1,0 +1,76 @@
+//! What the writer thread, the checkpointer and the store's async methods share.
+//!
+//! **Owns**: the [`Shared`] struct (the opened sled [`State`], the data dir's paths, the
+//! journal position a checkpoint may record, counters) and the [`StoreStats`] it reports.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use super::journal::JournalPosition;
+use super::state::State;
+
+/// Shared by every thread of one open store.
+pub(crate) struct Shared {
+    pub state: State,
+    pub state_dir: PathBuf,
+    pub journal_dir: PathBuf,
+    /// The journal position up to which every frame is both applied to sled and synced in the
+    /// journal: what a checkpoint records. Published by the writer after each round.
+    pub checkpointable: Mutex<JournalPosition>,
+    /// The segment the writer appends to; a checkpoint never deletes it.
+    pub writer_segment: AtomicU64,
+    /// Serialises checkpoints; holds the position the last one recorded.
+    pub checkpoint_lock: Mutex<Option<JournalPosition>>,
+    /// Set when the writer asked for a checkpoint and the checkpointer has not started it
+    /// yet, so requests coalesce instead of queueing one checkpoint per round.
+    pub checkpoint_requested: AtomicBool,
+    pub counters: Counters,
+}
+
+/// Monotonic counters, for tests and metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub commits: AtomicU64,
+    pub journal_rounds: AtomicU64,
+    pub journal_fsyncs: AtomicU64,
+    pub journal_bytes: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub segments_deleted: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> StoreStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StoreStats {
+            commits: get(&self.commits),
+            journal_rounds: get(&self.journal_rounds),
+            journal_fsyncs: get(&self.journal_fsyncs),
+            journal_bytes: get(&self.journal_bytes),
+            checkpoints: get(&self.checkpoints),
+            segments_deleted: get(&self.segments_deleted),
+        }
+    }
+}
+
+/// Counters of an open store since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Batches the writer completed (successfully or not).
+    pub commits: u64,
+    /// Group-commit rounds: one `write` each.
+    pub journal_rounds: u64,
+    /// `fdatasync`s of journal segments.
+    pub journal_fsyncs: u64,
+    /// Bytes appended to the journal.
+    pub journal_bytes: u64,
+    /// Checkpoints completed, including the one at open.
+    pub checkpoints: u64,
+    /// Journal segments deleted by checkpoints.
+    pub segments_deleted: u64,
+}

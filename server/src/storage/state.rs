@@ -1,0 +1,261 @@
+//! The sled side of the store: the database, its trees, the metadata it keeps, and reads.
+//!
+//! **Owns**: opening sled (no background flusher, bounded cache), running the format
+//! migrations on it, the `meta` records this layer keeps (`shard_count`, `checkpoint`), one
+//! tree per shard (`shard-N`), and `load`/`list` reads. Writes arrive through
+//! [`super::apply`] from the writer thread and recovery only.
+//!
+//! Each shard has an `apply_lock`: the writer holds it for writing only while it applies one
+//! sled batch to that shard, and `load` holds it for reading while it reads one entity, so a
+//! load never sees half of a batch (e.g. a snapshot's trimmed events without the snapshot).
+
+use std::path::Path;
+
+use parking_lot::RwLock;
+
+use crate::address::EntityId;
+
+use super::fsync::sled_error;
+use super::journal::JournalPosition;
+use super::keys;
+use super::record::decode_value;
+use super::{LoadedEntity, StoreError};
+
+/// The `meta` key of the shard count (`u32` big-endian), written once when a data dir is made.
+pub const META_SHARD_COUNT_KEY: &[u8] = b"shard_count";
+/// The `meta` key of the last checkpoint's journal position
+/// (`segment u64 | offset u64 | crc32c u32`, big-endian).
+pub const META_CHECKPOINT_KEY: &[u8] = b"checkpoint";
+/// The most shards a data dir may have: each is a sled tree opened at start-up.
+pub const SHARD_COUNT_MAX: u32 = 4096;
+
+/// One shard's tree and the lock that makes its batches atomic for readers.
+pub(crate) struct Shard {
+    pub tree: sled::Tree,
+    pub apply_lock: RwLock<()>,
+}
+
+/// The opened sled database.
+pub(crate) struct State {
+    pub db: sled::Db,
+    pub meta: sled::Tree,
+    pub shards: Vec<Shard>,
+}
+
+/// The name of shard `n`'s tree.
+pub fn shard_tree_name(shard: u32) -> String {
+    format!("shard-{shard}")
+}
+
+impl State {
+    /// Opens (or creates) the sled database in `state_dir`, migrates it, and opens the shard
+    /// trees. `shard_count_if_new` is used only if the data dir has no shard count yet.
+    pub(crate) fn open(
+        state_dir: &Path,
+        cache_bytes: u64,
+        shard_count_if_new: u32,
+    ) -> Result<State, StoreError> {
+        let db = sled::Config::new()
+            .path(state_dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| sled_error(format!("opening sled in {}", state_dir.display()), e))?;
+        let outcome = statehouse_migrations::prepare(&db)?;
+        tracing::info!(?outcome, "data dir format checked");
+        let meta = db
+            .open_tree(statehouse_migrations::META_TREE)
+            .map_err(|e| sled_error("opening the meta tree", e))?;
+
+        let shard_count = match meta
+            .get(META_SHARD_COUNT_KEY)
+            .map_err(|e| sled_error("reading the shard count", e))?
+        {
+            Some(bytes) => {
+                let array: [u8; 4] = bytes.as_ref().try_into().map_err(|_| {
+                    StoreError::Metadata(format!(
+                        "shard count is {} bytes, expected 4",
+                        bytes.len()
+                    ))
+                })?;
+                let count = u32::from_be_bytes(array);
+                if count == 0 || count > SHARD_COUNT_MAX {
+                    return Err(StoreError::Metadata(format!(
+                        "shard count {count} is outside 1..={SHARD_COUNT_MAX}"
+                    )));
+                }
+                count
+            }
+            None => {
+                meta.insert(META_SHARD_COUNT_KEY, &shard_count_if_new.to_be_bytes())
+                    .map_err(|e| sled_error("recording the shard count", e))?;
+                tracing::info!(shard_count = shard_count_if_new, "new data dir");
+                shard_count_if_new
+            }
+        };
+
+        let shards = (0..shard_count)
+            .map(|n| {
+                let tree = db
+                    .open_tree(shard_tree_name(n))
+                    .map_err(|e| sled_error(format!("opening tree {}", shard_tree_name(n)), e))?;
+                Ok(Shard {
+                    tree,
+                    apply_lock: RwLock::new(()),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(State { db, meta, shards })
+    }
+
+    pub(crate) fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// The journal position the last checkpoint covers, `None` if there was none.
+    pub(crate) fn read_checkpoint(&self) -> Result<Option<JournalPosition>, StoreError> {
+        let Some(bytes) = self
+            .meta
+            .get(META_CHECKPOINT_KEY)
+            .map_err(|e| sled_error("reading the checkpoint position", e))?
+        else {
+            return Ok(None);
+        };
+        let malformed = || {
+            StoreError::Metadata(format!(
+                "the checkpoint position ({} bytes) is malformed or failed its CRC32C check",
+                bytes.len()
+            ))
+        };
+        let array: [u8; 20] = bytes.as_ref().try_into().map_err(|_| malformed())?;
+        let crc = u32::from_be_bytes([array[16], array[17], array[18], array[19]]);
+        if crc32c::crc32c(&array[..16]) != crc {
+            return Err(malformed());
+        }
+        let mut segment = [0u8; 8];
+        let mut offset = [0u8; 8];
+        segment.copy_from_slice(&array[..8]);
+        offset.copy_from_slice(&array[8..16]);
+        Ok(Some(JournalPosition {
+            segment: u64::from_be_bytes(segment),
+            offset: u64::from_be_bytes(offset),
+        }))
+    }
+
+    /// Records the checkpoint position in `meta` (not yet flushed).
+    pub(crate) fn write_checkpoint(&self, position: JournalPosition) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(20);
+        value.extend_from_slice(&position.segment.to_be_bytes());
+        value.extend_from_slice(&position.offset.to_be_bytes());
+        value.extend_from_slice(&crc32c::crc32c(&value).to_be_bytes());
+        self.meta
+            .insert(META_CHECKPOINT_KEY, value)
+            .map_err(|e| sled_error("recording the checkpoint position", e))?;
+        Ok(())
+    }
+
+    pub(crate) fn shard(&self, shard: u32) -> Result<&Shard, StoreError> {
+        self.shards.get(shard as usize).ok_or_else(|| {
+            StoreError::InvalidInput(format!(
+                "shard {shard} does not exist; this data dir has {} shards",
+                self.shards.len()
+            ))
+        })
+    }
+
+    /// Reads an entity's snapshot and the events after it, verifying every record. Blocking.
+    pub(crate) fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
+        let shard = self.shard(shard)?;
+        let tree = &shard.tree;
+        let read_error = |e| sled_error(format!("reading {entity}"), e);
+        let corrupt = |detail: String| StoreError::CorruptEntity {
+            entity: entity.clone(),
+            detail,
+        };
+        let _reading = shard.apply_lock.read();
+
+        if let Some(detail) = tree.get(keys::corrupt_key(entity)).map_err(read_error)? {
+            return Err(corrupt(String::from_utf8_lossy(&detail).into_owned()));
+        }
+        let snapshot_key = keys::snapshot_key(entity);
+        let snapshot = match tree.get(&snapshot_key).map_err(read_error)? {
+            Some(value) => Some(
+                decode_value(&snapshot_key, &value)
+                    .map_err(|d| corrupt(format!("snapshot: {d}")))?,
+            ),
+            None => None,
+        };
+        let after = snapshot.as_ref().map_or(0, |s| s.seq);
+        let prefix = keys::event_prefix(entity);
+        let mut events = Vec::new();
+        for item in tree.scan_prefix(&prefix) {
+            let (key, value) = item.map_err(read_error)?;
+            let Some(seq) = keys::event_seq(&key, prefix.len()) else {
+                return Err(corrupt(format!(
+                    "an event key of {} bytes is malformed",
+                    key.len()
+                )));
+            };
+            let record =
+                decode_value(&key, &value).map_err(|d| corrupt(format!("event seq {seq}: {d}")))?;
+            if record.seq != seq {
+                return Err(corrupt(format!(
+                    "event stored under seq {seq} says it is seq {}",
+                    record.seq
+                )));
+            }
+            if seq > after {
+                events.push(record);
+            }
+        }
+        Ok(LoadedEntity { snapshot, events })
+    }
+
+    /// Keys of existing entities of a type, across all shards. Blocking. See
+    /// [`super::Store::list`].
+    pub(crate) fn list(
+        &self,
+        entity_type: &str,
+        key_prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let prefix = keys::exists_prefix(entity_type, key_prefix);
+        let key_offset = keys::exists_key_offset(entity_type);
+        let lower = match start_after {
+            Some(after) => {
+                let after_key = keys::exists_prefix(entity_type, after);
+                if after_key >= prefix {
+                    std::ops::Bound::Excluded(after_key)
+                } else {
+                    std::ops::Bound::Included(prefix.clone())
+                }
+            }
+            None => std::ops::Bound::Included(prefix.clone()),
+        };
+        let mut found: Vec<String> = Vec::new();
+        for (n, shard) in self.shards.iter().enumerate() {
+            // Each tree yields its keys in order; at most `limit` from each can make the cut.
+            let range = (lower.clone(), std::ops::Bound::Unbounded);
+            for item in shard.tree.range::<Vec<u8>, _>(range).take(limit) {
+                let (key, _) = item.map_err(|e| sled_error(format!("listing shard {n}"), e))?;
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                let entity_key = std::str::from_utf8(&key[key_offset..]).map_err(|_| {
+                    StoreError::Metadata(format!(
+                        "an existence key of type {entity_type} in shard {n} is not UTF-8"
+                    ))
+                })?;
+                found.push(entity_key.to_owned());
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        found.truncate(limit);
+        Ok(found)
+    }
+}
