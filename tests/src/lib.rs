@@ -149,7 +149,25 @@ impl TestServer {
 
     /// Sends SIGTERM (graceful shutdown) and waits for the server to exit, returning its exit
     /// status. Fails if it does not exit within [`EXIT_TIMEOUT`].
+    ///
+    /// A graceful shutdown needs the clients' cooperation (HTTP/2 connections close with a
+    /// GOAWAY/ping exchange), so in an async test the client tasks must keep running while
+    /// this waits: call it from a `#[tokio::test(flavor = "multi_thread")]` test. On a
+    /// current-thread runtime it fails at once instead of hanging.
     pub fn terminate(&mut self) -> ExitStatus {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            assert!(
+                runtime.runtime_flavor() != tokio::runtime::RuntimeFlavor::CurrentThread,
+                "terminate() blocks this thread while the server waits for its clients to \
+                 close their connections, which their tasks cannot do on a current-thread \
+                 runtime: use #[tokio::test(flavor = \"multi_thread\")]"
+            );
+            return tokio::task::block_in_place(|| self.send_sigterm_and_reap());
+        }
+        self.send_sigterm_and_reap()
+    }
+
+    fn send_sigterm_and_reap(&mut self) -> ExitStatus {
         let running = self
             .running
             .as_mut()

@@ -11,7 +11,8 @@ use serde_json::json;
 use statehouse_client::{Client, Code};
 use statehouse_tests::{test_seed, TestServer, CLIENT_TIMEOUT};
 
-#[tokio::test]
+// Multi-threaded: the clients' connection tasks must run while terminate() waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_then_restart_keeps_all_state() {
     let mut server = TestServer::start();
     let client = server.client().await;

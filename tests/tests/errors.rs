@@ -76,7 +76,6 @@ async fn bad_counter_messages_are_invalid_and_change_nothing() {
             (json!({"op": "incr", "by": 1.5}), &[]),
             (json!({"op": "incr", "by": "2"}), &[]),
             (json!({"op": "decr", "by": true}), &[]),
-            (json!(["incr"]), &[]),
             (json!("incr"), &[]),
             (json!(7), &[]),
             (json!(null), &[]),
@@ -138,7 +137,6 @@ async fn bad_register_and_kv_messages_are_invalid_and_change_nothing() {
             json!({"op": "cas", "field": "f", "value": 2}),
             &["expected_version"],
         ),
-        ("kv", "m", json!([{"op": "fields"}]), &[]),
     ];
     for (entity_type, key, message, mentions) in cases {
         assert_refused(
@@ -185,4 +183,33 @@ async fn refused_messages_leave_nothing_to_list() {
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     }
     assert!(client.list_all("counter", "", 0).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_message_must_be_a_json_object() {
+    // serde would read an array as the fields of a command in order (`["incr", 5]` as
+    // `{"op":"incr","by":5}`); the documented messages are objects, so arrays are refused.
+    let server = TestServer::start();
+    let client = server.client().await;
+    client.counter("c").incr(1).await.unwrap();
+    client.register("r").set("kept").await.unwrap();
+    client.kv("m").put("f", 1).await.unwrap();
+    let cases = [
+        ("counter", "c", json!(["incr"])),
+        ("counter", "c", json!(["incr", 5])),
+        ("register", "r", json!(["set", "replaced"])),
+        ("kv", "m", json!(["put", "g", 2])),
+        ("kv", "m", json!([{"op": "fields"}])),
+    ];
+    for (entity_type, key, message) in cases {
+        assert_refused(
+            &client,
+            entity_type,
+            key,
+            message,
+            Code::InvalidArgument,
+            &[],
+        )
+        .await;
+    }
 }
