@@ -26,6 +26,11 @@ use crate::{Counter, Kv, Register};
 /// The longest [`Client::connect`] waits for the TCP (and HTTP/2) connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest integer magnitude the wire carries exactly: numbers travel as doubles.
+/// [`Client::call`] and [`Client::cast`] refuse messages with larger integers rather than
+/// send a different number.
+pub const EXACT_INTEGER_MAX: u64 = 1 << 53;
+
 /// The most pages [`Client::list_all`] follows: 100 000 pages of up to 1000 keys. A bound,
 /// so a server that never stops handing out page tokens cannot keep the client looping.
 pub const LIST_PAGES_MAX: usize = 100_000;
@@ -113,6 +118,7 @@ impl Client {
         key: &str,
         message: Value,
     ) -> Result<CallOutcome, ClientError> {
+        check_exact_integers(&message)?;
         let request = CallRequest {
             r#type: entity_type.to_owned(),
             key: key.to_owned(),
@@ -135,6 +141,7 @@ impl Client {
         key: &str,
         message: Value,
     ) -> Result<(), ClientError> {
+        check_exact_integers(&message)?;
         let request = CastRequest {
             r#type: entity_type.to_owned(),
             key: key.to_owned(),
@@ -288,6 +295,45 @@ impl Client {
     }
 }
 
+/// Refuses a message holding an integer beyond ±[`EXACT_INTEGER_MAX`], which the wire's
+/// doubles would silently round (`9007199254740993` would arrive as `…992`).
+/// [`Client::call`] and [`Client::cast`] run it; it is public so a caller can check input
+/// before connecting.
+pub fn check_exact_integers(message: &Value) -> Result<(), ClientError> {
+    match find_inexact_integer(message, "message", 0) {
+        None => Ok(()),
+        Some((path, number)) => Err(ClientError::InvalidMessage {
+            reason: format!(
+                "{path} is {number}: numbers travel as doubles, which hold integers exactly \
+                 only up to {EXACT_INTEGER_MAX} (2^53); send it as a string instead"
+            ),
+        }),
+    }
+}
+
+/// The path and text of the first integer beyond ±2^53 in `value`. Stops looking below
+/// the wire's nesting limit, which the server enforces itself.
+fn find_inexact_integer(value: &Value, path: &str, depth: usize) -> Option<(String, String)> {
+    if depth > statehouse_proto::value::MAX_DEPTH {
+        return None;
+    }
+    match value {
+        Value::Number(number) => {
+            let magnitude = number
+                .as_u64()
+                .or_else(|| number.as_i64().map(i64::unsigned_abs))?;
+            (magnitude > EXACT_INTEGER_MAX).then(|| (path.to_owned(), number.to_string()))
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(index, item)| {
+            find_inexact_integer(item, &format!("{path}[{index}]"), depth + 1)
+        }),
+        Value::Object(fields) => fields.iter().find_map(|(name, field)| {
+            find_inexact_integer(field, &format!("{path}.{name}"), depth + 1)
+        }),
+        Value::Null | Value::Bool(_) | Value::String(_) => None,
+    }
+}
+
 /// Parses and checks a server URL into a tonic endpoint.
 fn endpoint_for(url: &str) -> Result<Endpoint, ClientError> {
     let invalid = |reason: String| ClientError::InvalidUrl {
@@ -334,6 +380,23 @@ mod tests {
         let err = endpoint_for("ftp://host:1").unwrap_err();
         assert!(err.to_string().contains("\"ftp\""), "{err}");
         assert!(endpoint_for("http://exa mple:1").is_err());
+    }
+
+    #[test]
+    fn integers_beyond_2_pow_53_are_refused_before_sending() {
+        use serde_json::json;
+        let exact = EXACT_INTEGER_MAX as i64;
+        assert!(check_exact_integers(&json!({"op": "incr", "by": exact})).is_ok());
+        assert!(check_exact_integers(&json!({"by": -exact, "f": 1e300})).is_ok());
+        let err = check_exact_integers(&json!({"op": "set", "value": {"ids": [1, exact + 1]}}))
+            .unwrap_err();
+        assert!(err.is_local_input());
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let text = err.to_string();
+        assert!(text.contains("message.value.ids[1]"), "{text}");
+        assert!(text.contains("9007199254740993"), "{text}");
+        assert!(check_exact_integers(&json!({"by": i64::MIN})).is_err());
+        assert!(check_exact_integers(&json!({"by": u64::MAX})).is_err());
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub enum ClientError {
         /// What was wrong with it.
         reason: String,
     },
+    /// The message cannot be sent as it is, e.g. an integer the wire cannot carry exactly.
+    #[error("invalid message: {reason}")]
+    InvalidMessage {
+        /// What is wrong with it, and where.
+        reason: String,
+    },
     /// No connection could be made to the server.
     #[error("cannot connect to {url}: {reason}")]
     Connect {
@@ -51,11 +57,13 @@ pub enum ClientError {
 impl ClientError {
     /// The gRPC status code of this failure.
     ///
-    /// Local failures map onto the closest code: a bad URL is `INVALID_ARGUMENT`, a refused
+    /// Local failures map onto the closest code: a bad URL or message is `INVALID_ARGUMENT`, a refused
     /// connection `UNAVAILABLE`, a reply the client cannot read `INTERNAL`.
     pub fn code(&self) -> Code {
         match self {
-            ClientError::InvalidUrl { .. } => Code::InvalidArgument,
+            ClientError::InvalidUrl { .. } | ClientError::InvalidMessage { .. } => {
+                Code::InvalidArgument
+            }
             ClientError::Connect { .. } => Code::Unavailable,
             ClientError::Status { code, .. } => *code,
             ClientError::UnexpectedReply { .. } => Code::Internal,
@@ -72,10 +80,13 @@ impl ClientError {
         self.to_string()
     }
 
-    /// Whether the failure happened before any request reached a server (bad URL), so
-    /// retrying cannot help and the input must be fixed.
+    /// Whether the failure happened before any request reached a server (a bad URL, a
+    /// message that cannot be sent), so retrying cannot help and the input must be fixed.
     pub fn is_local_input(&self) -> bool {
-        matches!(self, ClientError::InvalidUrl { .. })
+        matches!(
+            self,
+            ClientError::InvalidUrl { .. } | ClientError::InvalidMessage { .. }
+        )
     }
 }
 

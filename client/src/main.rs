@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
+use statehouse_client::client::check_exact_integers;
 use statehouse_client::{Client, ClientError};
 
 /// Talk to the entities of a statehouse server. Prints JSON on stdout.
@@ -209,10 +210,13 @@ impl Server {
 
 /// Parses the JSON argument of `call` and `cast`, saying what is wrong with it.
 fn parse_json_argument(text: &str) -> Result<Value, Failure> {
-    serde_json::from_str(text).map_err(|err| {
+    let message = serde_json::from_str(text).map_err(|err| {
         Failure::LocalInput(format!(
             "argument JSON is not valid JSON ({err}): {text:?}; \
              quote it for the shell, e.g. '{{\"op\":\"incr\"}}'"
         ))
-    })
+    })?;
+    check_exact_integers(&message)
+        .map_err(|err| Failure::LocalInput(format!("argument JSON: {err}")))?;
+    Ok(message)
 }

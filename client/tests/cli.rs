@@ -104,3 +104,25 @@ fn missing_arguments_are_usage_errors() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(text(&out.stderr).contains("<KEY>"), "{out:?}");
 }
+
+#[test]
+fn integers_the_wire_cannot_carry_exactly_exit_2() {
+    let out = statehouse(&[
+        "--server",
+        "http://127.0.0.1:1",
+        "call",
+        "counter",
+        "k",
+        r#"{"op":"incr","by":9007199254740993}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("error: INVALID_ARGUMENT: argument JSON: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("message.by is 9007199254740993"),
+        "{stderr}"
+    );
+}
