@@ -9,7 +9,7 @@
 //! waits longer than the timeout even if the server never answers.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use statehouse_proto::v1::entity_service_client::EntityServiceClient;
@@ -275,23 +275,33 @@ impl Client {
     }
 
     /// Awaits one RPC, giving up at this client's deadline even if the server stays silent.
+    ///
+    /// tonic's server transport answers an expired `grpc-timeout` with `CANCELLED`
+    /// ("Timeout expired"). A `CANCELLED` that arrives after this client's own deadline has
+    /// passed is that deadline, so it is reported as `DEADLINE_EXCEEDED`, as gRPC clients do.
     async fn send<T>(
         &self,
         rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, ClientError> {
-        let response = match self.timeout {
-            None => rpc.await,
-            Some(timeout) => match tokio::time::timeout(timeout, rpc).await {
-                Ok(response) => response,
-                Err(_) => {
-                    return Err(ClientError::Status {
-                        code: Code::DeadlineExceeded,
-                        message: format!("no answer within {} ms", timeout.as_millis()),
-                    })
-                }
-            },
+        let Some(timeout) = self.timeout else {
+            return Ok(rpc.await?.into_inner());
         };
-        Ok(response?.into_inner())
+        let started = Instant::now();
+        let deadline_exceeded = |detail: String| ClientError::Status {
+            code: Code::DeadlineExceeded,
+            message: format!("deadline of {} ms exceeded{detail}", timeout.as_millis()),
+        };
+        match tokio::time::timeout(timeout, rpc).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) if status.code() == Code::Cancelled && started.elapsed() >= timeout => {
+                Err(deadline_exceeded(format!(
+                    " (the server answered CANCELLED: {})",
+                    status.message()
+                )))
+            }
+            Ok(Err(status)) => Err(status.into()),
+            Err(_) => Err(deadline_exceeded(" with no answer".to_owned())),
+        }
     }
 }
 

@@ -213,3 +213,15 @@ async fn a_message_must_be_a_json_object() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_call_past_its_deadline_is_deadline_exceeded() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    client.counter("slow").incr(1).await.unwrap();
+    let hurried = client.with_timeout(std::time::Duration::from_nanos(1));
+    for _ in 0..50 {
+        let err = hurried.counter("slow").incr(1).await.unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    }
+}
