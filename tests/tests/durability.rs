@@ -211,7 +211,7 @@ async fn sigkill_under_load(extra_args: &[&str], load: Load) {
         value_total += value;
     }
     eprintln!(
-        "seed {seed}: {sent_total} increments sent, {acked_total} acknowledged, \
+        "seed {seed}, flags {extra_args:?}: {sent_total} increments sent, {acked_total} acknowledged, \
          {in_flight_at_kill} in flight at the kill, {value_total} recovered"
     );
     assert!(
