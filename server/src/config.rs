@@ -48,7 +48,7 @@ pub struct Config {
     pub commits_pending_max: usize,
     /// Largest gRPC request accepted.
     pub message_bytes_max: usize,
-    /// How long a graceful shutdown may take before the process exits anyway.
+    /// How long in-flight RPCs get to finish at shutdown before their connections are closed.
     pub shutdown_timeout_ms: u64,
 }
 

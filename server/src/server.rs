@@ -74,7 +74,7 @@ impl Server {
             store.clone(),
             config.entity_config(),
         ));
-        let served = serve(&config, shards.clone(), shutdown.clone()).await;
+        let served = serve_with_drain_limit(&config, shards.clone(), shutdown.clone()).await;
 
         // Whatever ended serving, entities and the store still close in order.
         shutdown.trigger();
@@ -84,6 +84,32 @@ impl Server {
         closed?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Serves until `shutdown`, then gives in-flight RPCs `shutdown_timeout_ms` to finish. A
+/// client that never lets its connection close cannot hold the shutdown hostage: past the
+/// limit its connection is dropped and entities and the store close as usual, so the drain of
+/// mailboxes and the final checkpoint always happen.
+async fn serve_with_drain_limit(
+    config: &Config,
+    shards: Arc<Shards>,
+    shutdown: Shutdown,
+) -> Result<(), ServerError> {
+    let limit = Duration::from_millis(config.shutdown_timeout_ms);
+    let drain_expired = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.triggered().await;
+            tokio::time::sleep(limit).await;
+        }
+    };
+    tokio::select! {
+        served = serve(config, shards, shutdown) => served,
+        () = drain_expired => {
+            tracing::warn!(?limit, "in-flight requests did not finish in time; closing their connections");
+            Ok(())
+        }
     }
 }
 
@@ -144,28 +170,11 @@ async fn serve(
     Ok(())
 }
 
-/// Runs `server` until SIGTERM or Ctrl-C, with the shutdown bounded by
-/// `shutdown_timeout_ms`. For `main`.
+/// Runs `server` until SIGTERM or Ctrl-C. For `main`.
 pub async fn run_until_signalled(server: Server) -> Result<(), ServerError> {
     let shutdown = Shutdown::new();
     shutdown
         .trigger_on_signals()
         .map_err(ServerError::Signals)?;
-    let timeout = Duration::from_millis(server.config.shutdown_timeout_ms);
-    let running = server.run(shutdown.clone());
-    tokio::pin!(running);
-    tokio::select! {
-        result = &mut running => return result,
-        () = shutdown.triggered() => {}
-    }
-    match tokio::time::timeout(timeout, running).await {
-        Ok(result) => result,
-        Err(_) => {
-            tracing::error!(
-                ?timeout,
-                "graceful shutdown took too long; exiting without it"
-            );
-            Err(ServerError::ShutdownTimeout(timeout))
-        }
-    }
+    server.run(shutdown).await
 }

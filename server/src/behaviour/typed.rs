@@ -95,6 +95,14 @@ impl<B: TypedBehaviour> Behaviour for Typed<B> {
         state: &ErasedState,
         message: Value,
     ) -> Result<Turn, BehaviourError> {
+        // serde would read a JSON array as a struct's fields in order; a message is an object.
+        if !message.is_object() {
+            return Err(BehaviourError::InvalidMessage(format!(
+                "invalid {} message: expected a JSON object such as {{\"op\": \"get\"}}, got {}",
+                B::TYPE_NAME,
+                json_kind(&message)
+            )));
+        }
         let command: B::Command = serde_json::from_value(message).map_err(|e| {
             BehaviourError::InvalidMessage(format!("invalid {} message: {e}", B::TYPE_NAME))
         })?;
@@ -132,5 +140,17 @@ impl<B: TypedBehaviour> Behaviour for Typed<B> {
             BehaviourError::Decode(format!("snapshot is not a {} state: {e}", B::TYPE_NAME))
         })?;
         Ok(Box::new(state))
+    }
+}
+
+/// The JSON kind of a value, for error messages.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }

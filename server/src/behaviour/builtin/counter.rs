@@ -152,6 +152,8 @@ mod tests {
             json!({"op": "incr", "by": 1, "extra": true}),
             json!({"by": 1}),
             json!("incr"),
+            json!(["incr", 5]),
+            json!(null),
         ] {
             let err = e.send(bad.clone()).unwrap_err();
             assert!(
