@@ -98,14 +98,13 @@ impl<B: TypedBehaviour> Behaviour for Typed<B> {
         // serde would read a JSON array as a struct's fields in order; a message is an object.
         if !message.is_object() {
             return Err(BehaviourError::InvalidMessage(format!(
-                "invalid {} message: expected a JSON object such as {{\"op\": \"get\"}}, got {}",
-                B::TYPE_NAME,
+                "expected a JSON object such as {{\"op\": \"get\"}}, got {}",
                 json_kind(&message)
             )));
         }
-        let command: B::Command = serde_json::from_value(message).map_err(|e| {
-            BehaviourError::InvalidMessage(format!("invalid {} message: {e}", B::TYPE_NAME))
-        })?;
+        // The address in the error already names the type; serde's text names the problem.
+        let command: B::Command = serde_json::from_value(message)
+            .map_err(|e| BehaviourError::InvalidMessage(e.to_string()))?;
         let turn = self.0.handle(self.state(state)?, command)?;
         let reply = serde_json::to_value(turn.reply)
             .map_err(|e| BehaviourError::Failed(format!("reply does not serialize: {e}")))?;
