@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &["statehouse/v1/entity.proto"];
+const PROTOS: &[&str] = &["statehouse/v1/entity.proto", "statehouse/v1/admin.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

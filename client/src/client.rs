@@ -12,6 +12,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use statehouse_proto::v1::admin_service_client::AdminServiceClient;
 use statehouse_proto::v1::entity_service_client::EntityServiceClient;
 use statehouse_proto::v1::{
     CallRequest, CastRequest, DeleteRequest, GetRequest, ListRequest, StopRequest,
@@ -39,6 +40,7 @@ pub const LIST_PAGES_MAX: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct Client {
     inner: EntityServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
     url: String,
     timeout: Option<Duration>,
 }
@@ -87,7 +89,8 @@ impl Client {
                 reason: error_chain(&err),
             })?;
         Ok(Client {
-            inner: EntityServiceClient::new(channel),
+            inner: EntityServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
             url,
             timeout: None,
         })
@@ -266,6 +269,33 @@ impl Client {
     }
 
     /// Wraps a message in a request carrying this client's deadline.
+    /// The server's supervision tree, with at most `entities_per_shard` entities under each
+    /// shard (0: the server's default).
+    pub async fn supervision_tree(&self, entities_per_shard: u32) -> Result<TreeNode, ClientError> {
+        let request = statehouse_proto::v1::SupervisionTreeRequest { entities_per_shard };
+        let mut admin = self.admin.clone();
+        let response = self
+            .send(admin.supervision_tree(self.request(request)))
+            .await?;
+        let root = response.root.ok_or_else(|| ClientError::UnexpectedReply {
+            request: "supervision tree".into(),
+            reason: "the server sent no root node".into(),
+            reply: Value::Null,
+        })?;
+        Ok(TreeNode::from(root))
+    }
+
+    /// Clears an entity's quarantine and crash history; returns whether it was quarantined.
+    pub async fn reset_entity(&self, entity_type: &str, key: &str) -> Result<bool, ClientError> {
+        let request = statehouse_proto::v1::ResetEntityRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+        };
+        let mut admin = self.admin.clone();
+        let response = self.send(admin.reset_entity(self.request(request))).await?;
+        Ok(response.was_quarantined)
+    }
+
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         if let Some(timeout) = self.timeout {

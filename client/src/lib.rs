@@ -21,6 +21,7 @@
 //! # Layout
 //!
 //! - [`client`]: [`Client`], the connection and the six `EntityService` calls on JSON values.
+//! - [`admin`]: the supervision tree as [`admin::TreeNode`], and its rendering for people.
 //! - [`error`]: [`ClientError`], which keeps the gRPC code and message of every failure.
 //! - [`counter`], [`register`], [`kv`]: typed handles on the built-in behaviours, and the
 //!   parsers of their replies.
@@ -28,6 +29,7 @@
 //!
 //! The `statehouse` command-line tool (`src/main.rs`) is built on this library.
 
+pub mod admin;
 pub mod client;
 pub mod counter;
 pub mod error;

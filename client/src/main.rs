@@ -75,6 +75,24 @@ enum Command {
         /// The entity key.
         key: String,
     },
+    /// Print the supervision tree: root, storage, shards and their active or quarantined
+    /// entities, with states, restart counts, mailbox lengths and last crash reasons.
+    Tree {
+        /// Print JSON instead of the drawn tree.
+        #[arg(long)]
+        json: bool,
+        /// At most this many entities under each shard (0: the server's default, 100).
+        #[arg(long, default_value_t = 0)]
+        entities: u32,
+    },
+    /// Clear an entity's quarantine and crash history; prints `{"was_quarantined": bool}`.
+    Reset {
+        /// The entity type.
+        #[arg(value_name = "TYPE")]
+        entity_type: String,
+        /// The entity key.
+        key: String,
+    },
     /// Print the keys of existing entities of a type as a JSON array, following all pages.
     List {
         /// The entity type.
@@ -176,6 +194,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Delete { entity_type, key } => {
             let client = server.connect().await?;
             json!({"existed": client.delete(&entity_type, &key).await?})
+        }
+        Command::Tree { json, entities } => {
+            let client = server.connect().await?;
+            let tree = client.supervision_tree(entities).await?;
+            if !json {
+                let mut stdout = std::io::stdout().lock();
+                write!(stdout, "{}", tree.render()).map_err(Failure::Output)?;
+                return stdout.flush().map_err(Failure::Output);
+            }
+            serde_json::to_value(&tree).map_err(|e| Failure::Output(std::io::Error::other(e)))?
+        }
+        Command::Reset { entity_type, key } => {
+            let client = server.connect().await?;
+            json!({"was_quarantined": client.reset_entity(&entity_type, &key).await?})
         }
         Command::List {
             entity_type,

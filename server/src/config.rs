@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use std::collections::BTreeMap;
+
 use crate::entity::EntityConfig;
+use crate::supervisor::{Backoff, Intensity, RestartPolicy};
 use crate::storage::{Durability, StoreConfig};
 
 /// The largest shard count a data dir may be created with.
@@ -50,6 +53,98 @@ pub struct Config {
     pub message_bytes_max: usize,
     /// How long in-flight RPCs get to finish at shutdown before their connections are closed.
     pub shutdown_timeout_ms: u64,
+    /// Restart policies and intensities of entities, shards and the root.
+    pub supervision: SupervisionConfig,
+}
+
+/// `[supervision]`: how crashes are contained and repaired (see README, "Supervision").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisionConfig {
+    /// Policy and intensity of every entity type without its own entry in `types`.
+    pub entity: EntitySupervision,
+    /// Per entity type overrides, e.g. `[supervision.types.counter]`.
+    pub types: BTreeMap<String, EntitySupervision>,
+    /// How long a quarantined entity is refused before the next message tries it again.
+    pub quarantine_ms: u64,
+    /// Quarantines a shard tolerates within `max_seconds` before it restarts.
+    pub shard: ShardSupervision,
+    /// Shard restarts (and other child restarts) the root tolerates before the process exits.
+    pub root: Intensity,
+}
+
+/// Restart policy and intensity of one entity type.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EntitySupervision {
+    pub policy: RestartPolicy,
+    pub max_restarts: u32,
+    pub max_seconds: u64,
+}
+
+/// A shard supervisor's intensity and the backoff of its restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShardSupervision {
+    pub max_restarts: u32,
+    pub max_seconds: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            entity: EntitySupervision::default(),
+            types: BTreeMap::new(),
+            quarantine_ms: 30_000,
+            shard: ShardSupervision::default(),
+            root: Intensity { max_restarts: 3, max_seconds: 60 },
+        }
+    }
+}
+
+impl Default for EntitySupervision {
+    fn default() -> Self {
+        EntitySupervision { policy: RestartPolicy::Permanent, max_restarts: 3, max_seconds: 5 }
+    }
+}
+
+impl Default for ShardSupervision {
+    fn default() -> Self {
+        ShardSupervision { max_restarts: 5, max_seconds: 60, backoff_initial_ms: 100, backoff_max_ms: 10_000 }
+    }
+}
+
+impl EntitySupervision {
+    pub fn intensity(&self) -> Intensity {
+        Intensity { max_restarts: self.max_restarts, max_seconds: self.max_seconds }
+    }
+}
+
+impl ShardSupervision {
+    pub fn intensity(&self) -> Intensity {
+        Intensity { max_restarts: self.max_restarts, max_seconds: self.max_seconds }
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(self.backoff_initial_ms),
+            max: Duration::from_millis(self.backoff_max_ms),
+            factor: 2.0,
+        }
+    }
+}
+
+impl SupervisionConfig {
+    /// The policy and intensity for entities of `entity_type`.
+    pub fn for_type(&self, entity_type: &str) -> EntitySupervision {
+        self.types.get(entity_type).copied().unwrap_or(self.entity)
+    }
+
+    pub fn quarantine(&self) -> Duration {
+        Duration::from_millis(self.quarantine_ms)
+    }
 }
 
 impl Default for Config {
@@ -70,6 +165,7 @@ impl Default for Config {
             commits_pending_max: 65_536,
             message_bytes_max: 4 << 20,
             shutdown_timeout_ms: 30_000,
+            supervision: SupervisionConfig::default(),
         }
     }
 }
@@ -171,6 +267,15 @@ impl Config {
                 "must be at least 1 KiB",
             );
         }
+        if self.supervision.shard.backoff_initial_ms == 0
+            || self.supervision.shard.backoff_max_ms < self.supervision.shard.backoff_initial_ms
+        {
+            return invalid(
+                "supervision.shard.backoff_max_ms",
+                &self.supervision.shard.backoff_max_ms,
+                "backoff_initial_ms must be at least 1 and backoff_max_ms at least backoff_initial_ms",
+            );
+        }
         Ok(())
     }
 
@@ -219,6 +324,18 @@ mod tests {
             Config::default().snapshot_every_events
         );
         assert!(toml::from_str::<Config>("shard = 4").is_err());
+    }
+
+    #[test]
+    fn supervision_has_per_type_overrides() {
+        let config: Config = toml::from_str(
+            "[supervision.entity]\nmax_restarts = 7\n[supervision.types.kv]\npolicy = \"temporary\"\nmax_seconds = 9",
+        )
+        .unwrap();
+        let default = config.supervision.for_type("counter");
+        assert_eq!((default.policy, default.max_restarts), (RestartPolicy::Permanent, 7));
+        let kv = config.supervision.for_type("kv");
+        assert_eq!((kv.policy, kv.max_restarts, kv.max_seconds), (RestartPolicy::Temporary, 3, 9));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`behaviour`]: the code of entity types: the traits, the registry, the built-ins.
 //! - [`storage`]: the `Store` trait and its journal + sled implementation.
 //! - [`address`]: the `(type, key)` address every layer shares.
+//! - [`cli`]: the command line (flags, logging, runtime), reusable by embedders.
 //! - [`config`], [`server`] (wiring and ordered shutdown), [`shutdown`] (the signal).
 //!
 //! Dependencies point one way: `grpc → shard → entity → behaviour`, and `entity → storage`.
@@ -17,6 +18,7 @@
 
 pub mod address;
 pub mod behaviour;
+pub mod cli;
 pub mod config;
 pub mod entity;
 pub mod grpc;
@@ -24,3 +26,4 @@ pub mod server;
 pub mod shard;
 pub mod shutdown;
 pub mod storage;
+pub mod supervisor;

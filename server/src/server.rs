@@ -4,16 +4,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use statehouse_proto::v1::admin_service_server::AdminServiceServer;
 use statehouse_proto::v1::entity_service_server::EntityServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::behaviour::BehaviourRegistry;
 use crate::config::{Config, ConfigError};
-use crate::grpc::EntityApi;
+use crate::grpc::{AdminApi, EntityApi};
 use crate::shard::Shards;
 use crate::shutdown::Shutdown;
 use crate::storage::{SledStore, Store, StoreError};
+use crate::supervisor::RootSupervisor;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +30,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the root supervisor gave up: {0}")]
+    GaveUp(String),
     #[error("server reflection: {0}")]
     Reflection(#[source] tonic_reflection::server::Error),
     #[error("cannot install signal handlers: {0}")]
@@ -69,10 +73,17 @@ impl Server {
             tokio::task::spawn_blocking(move || SledStore::open(store_config)).await??;
         tracing::info!(shards = store.shard_count(), durability = ?config.durability, "data dir ready");
 
+        let root = Arc::new(RootSupervisor::new(
+            store.shard_count(),
+            config.supervision.root,
+            shutdown.clone(),
+        ));
         let shards = Arc::new(Shards::new(
             Arc::new(self.registry),
             store.clone(),
             config.entity_config(),
+            config.supervision.clone(),
+            root.clone(),
         ));
         let served = serve_with_drain_limit(&config, shards.clone(), shutdown.clone()).await;
 
@@ -82,6 +93,9 @@ impl Server {
         let closed = store.close().await;
         served?;
         closed?;
+        if let Some(reason) = root.gave_up() {
+            return Err(ServerError::GaveUp(reason.to_owned()));
+        }
         tracing::info!("stopped");
         Ok(())
     }
@@ -144,6 +158,7 @@ async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(ServerError::Reflection)?;
+    let admin = AdminServiceServer::new(AdminApi::new(shards.clone()));
     let entities = EntityServiceServer::new(EntityApi::new(shards))
         .max_decoding_message_size(config.message_bytes_max)
         .max_encoding_message_size(config.message_bytes_max);
@@ -165,6 +180,7 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(entities)
+        .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
         .await?;
     Ok(())

@@ -17,6 +17,8 @@ mod typed;
 
 use std::any::Any;
 
+use crate::address::EntityId;
+
 pub use registry::{BehaviourRegistry, RegistryError};
 pub use typed::{Typed, TypedBehaviour, TypedTurn};
 
@@ -32,6 +34,40 @@ pub type ErasedState = Box<dyn Any + Send + Sync>;
 pub struct Turn {
     pub reply: Value,
     pub events: Vec<Value>,
+    /// What the engine does after the events are committed.
+    pub effects: Vec<Effect>,
+}
+
+impl Turn {
+    /// A turn that replies and changes nothing.
+    pub fn reply(reply: Value) -> Self {
+        Turn { reply, events: Vec::new(), effects: Vec::new() }
+    }
+}
+
+/// Something a turn asks the engine to do once its events are durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Watch another entity: when it crashes, stops, is deleted or is quarantined, this entity
+    /// receives one `DOWN` info message (see [`down_message`]). Monitors live in memory, like
+    /// OTP's: a server restart forgets them.
+    Monitor(EntityId),
+    /// Stop watching.
+    Demonitor(EntityId),
+}
+
+/// The info message a monitor delivers:
+/// `{"info": "down", "type": T, "key": K, "reason": R, "detail": D}`, where `reason` is one of
+/// `crashed`, `stopped`, `deleted`, `quarantined`, or `not_active` when the monitored entity
+/// was not active as the monitor was set (OTP's `noproc`).
+pub fn down_message(target: &EntityId, reason: &str, detail: &str) -> Value {
+    serde_json::json!({
+        "info": "down",
+        "type": target.entity_type,
+        "key": target.key,
+        "reason": reason,
+        "detail": detail,
+    })
 }
 
 /// Why a behaviour refused or failed.
@@ -77,4 +113,10 @@ pub trait Behaviour: Send + Sync + 'static {
 
     /// The state from a snapshot's value.
     fn state_from_value(&self, value: Value) -> Result<ErasedState, BehaviourError>;
+
+    /// Handles an info message (OTP's `handle_info`): a monitor's `DOWN`, and later timers.
+    /// The default ignores it.
+    fn handle_info(&self, _key: &str, _state: &ErasedState, _info: Value) -> Result<Turn, BehaviourError> {
+        Ok(Turn::reply(Value::Null))
+    }
 }

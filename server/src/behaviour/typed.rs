@@ -7,13 +7,14 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{Behaviour, BehaviourError, ErasedState, Turn, Value};
+use super::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Value};
 
 /// What a typed handler returns: the reply and the events to commit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TypedTurn<E, R> {
     pub reply: R,
     pub events: Vec<E>,
+    pub effects: Vec<Effect>,
 }
 
 impl<E, R> TypedTurn<E, R> {
@@ -22,12 +23,23 @@ impl<E, R> TypedTurn<E, R> {
         TypedTurn {
             reply,
             events: Vec::new(),
+            effects: Vec::new(),
         }
     }
 
     /// A turn that commits these events, then replies.
     pub fn with_events(reply: R, events: Vec<E>) -> Self {
-        TypedTurn { reply, events }
+        TypedTurn {
+            reply,
+            events,
+            effects: Vec::new(),
+        }
+    }
+
+    /// Adds an effect the engine carries out once the events are durable.
+    pub fn effect(mut self, effect: Effect) -> Self {
+        self.effects.push(effect);
+        self
     }
 }
 
@@ -56,6 +68,19 @@ pub trait TypedBehaviour: Send + Sync + 'static {
 
     /// Folds a committed event into the state. Used for live turns and for replay alike.
     fn apply(&self, state: &mut Self::State, event: Self::Event);
+
+    /// Handles an info message, such as a monitor's `DOWN` (see [`super::down_message`]).
+    /// The default ignores it.
+    fn handle_info(
+        &self,
+        _state: &Self::State,
+        _info: Value,
+    ) -> Result<TypedTurn<Self::Event, Self::Reply>, BehaviourError> {
+        Err(BehaviourError::InvalidMessage(format!(
+            "{} does not handle info messages",
+            Self::TYPE_NAME
+        )))
+    }
 }
 
 /// Adapts a [`TypedBehaviour`] to the erased [`Behaviour`] the engine runs.
@@ -106,18 +131,19 @@ impl<B: TypedBehaviour> Behaviour for Typed<B> {
         let command: B::Command = serde_json::from_value(message)
             .map_err(|e| BehaviourError::InvalidMessage(e.to_string()))?;
         let turn = self.0.handle(self.state(state)?, command)?;
-        let reply = serde_json::to_value(turn.reply)
-            .map_err(|e| BehaviourError::Failed(format!("reply does not serialize: {e}")))?;
-        let events = turn
-            .events
-            .into_iter()
-            .map(|event| {
-                serde_json::to_value(event)
-                    .map_err(|e| BehaviourError::Failed(format!("event does not serialize: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Turn { reply, events })
+        erase_turn(turn)
     }
+
+    fn handle_info(
+        &self,
+        _key: &str,
+        state: &ErasedState,
+        info: Value,
+    ) -> Result<Turn, BehaviourError> {
+        let turn = self.0.handle_info(self.state(state)?, info)?;
+        erase_turn(turn)
+    }
+
 
     fn apply(&self, state: &mut ErasedState, event: &Value) -> Result<(), BehaviourError> {
         let event: B::Event = serde_json::from_value(event.clone()).map_err(|e| {
@@ -152,4 +178,19 @@ fn json_kind(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// Serializes a typed turn's reply and events into values.
+fn erase_turn<E: Serialize, R: Serialize>(turn: TypedTurn<E, R>) -> Result<Turn, BehaviourError> {
+    let reply = serde_json::to_value(turn.reply)
+        .map_err(|e| BehaviourError::Failed(format!("reply does not serialize: {e}")))?;
+    let events = turn
+        .events
+        .into_iter()
+        .map(|event| {
+            serde_json::to_value(event)
+                .map_err(|e| BehaviourError::Failed(format!("event does not serialize: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Turn { reply, events, effects: turn.effects })
 }

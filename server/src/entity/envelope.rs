@@ -25,6 +25,8 @@ pub enum Request {
     },
     /// Handle the message; nobody waits for a reply.
     Cast { message: Value },
+    /// An info message (OTP's `handle_info`), such as a monitor's `DOWN`; no reply.
+    Info { message: Value },
     /// Passivate. The reply says the entity was active (it always is, if it receives this).
     Stop {
         reply: Option<oneshot::Sender<bool>>,
@@ -58,6 +60,7 @@ impl Envelope {
             }
             Request::Stop { reply: None } => {}
             Request::Cast { .. } => tracing::debug!(%error, "cast dropped"),
+            Request::Info { .. } => tracing::debug!(%error, "info message dropped"),
         }
     }
 

@@ -20,6 +20,20 @@ pub enum EntityError {
     MailboxFull { entity: EntityId, capacity: usize },
     #[error("{entity} crashed handling the message: {reason}")]
     Crashed { entity: EntityId, reason: String },
+    #[error(
+        "entity {entity} is quarantined: it crashed {crashes} times within {window_seconds} s \
+         (last: {last_crash}); it will be tried again in {retry_after_ms} ms, or clear it with \
+         the admin API (statehouse reset)"
+    )]
+    Quarantined {
+        entity: EntityId,
+        crashes: usize,
+        window_seconds: u64,
+        last_crash: String,
+        retry_after_ms: u64,
+    },
+    #[error("shard {shard} is restarting after repeated entity crashes; retry in {retry_after_ms} ms")]
+    ShardRestarting { shard: u32, retry_after_ms: u64 },
     #[error("entity {entity} is corrupt and is not served: {detail}")]
     Corrupt { entity: EntityId, detail: String },
     #[error("entity {entity} could not be recovered: {detail}")]

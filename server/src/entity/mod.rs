@@ -50,4 +50,42 @@ pub trait EntityHost: Send + Sync + 'static {
 
     /// Routes a message again: it arrived while its entity was passivating.
     fn reroute(&self, id: EntityId, behaviour: Arc<dyn Behaviour>, envelope: Envelope);
+
+    /// The activation crashed with `reason` (nothing of the failed turn was written). The host
+    /// counts the crash against the entity type's restart intensity and decides what happens.
+    fn crashed(&self, id: &EntityId, generation: u64, reason: &str) -> CrashVerdict;
+
+    /// The journal failed: no entity can commit any more. The host escalates.
+    fn storage_failed(&self, reason: &str);
+
+    /// The activation ended normally: it leaves the directory (if `generation` is still the
+    /// registered one) and its monitors fire.
+    fn exited(&self, id: &EntityId, generation: u64, exit: Exit);
+
+    /// `watcher` monitors `target` (an effect of a committed turn).
+    fn monitor(&self, watcher: &EntityId, target: &EntityId);
+
+    /// `watcher` no longer monitors `target`.
+    fn demonitor(&self, watcher: &EntityId, target: &EntityId);
+}
+
+/// How an activation ended without crashing, as its monitors are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Passivated: by `Stop`, when idle, or at shutdown.
+    Stopped,
+    /// Removed by `Delete`.
+    Deleted,
+}
+
+/// What a supervisor decided after an entity crashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrashVerdict {
+    /// Reload the state from storage and go on with the mailbox.
+    Restart,
+    /// End this activation (a `temporary` entity); the next message starts a new one.
+    Stop,
+    /// Past its intensity: answer everything waiting with this error and end. The host has
+    /// already removed the entity from the directory and refuses it until the quarantine ends.
+    Quarantine(EntityError),
 }

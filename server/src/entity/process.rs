@@ -14,11 +14,13 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
-use crate::behaviour::{Behaviour, BehaviourError, ErasedState, Turn, Value};
+use crate::behaviour::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Value};
 use crate::storage::{EntityBatch, Op, Store};
 
 use super::recovery::{self, Recovered};
-use super::{codec, CallReply, EntityConfig, EntityError, EntityHost, Envelope, Request};
+use super::{
+    codec, CallReply, CrashVerdict, EntityConfig, EntityError, EntityHost, Envelope, Exit, Request,
+};
 
 /// Everything a new activation needs.
 pub struct SpawnArgs {
@@ -43,6 +45,7 @@ pub struct StateView {
 #[derive(Clone)]
 pub struct EntityHandle {
     mailbox: mpsc::Sender<Envelope>,
+    task: tokio::task::AbortHandle,
     generation: u64,
     shared: Arc<Shared>,
 }
@@ -69,6 +72,11 @@ impl EntityHandle {
     /// Puts a message in the mailbox, waiting for room.
     pub async fn send(&self, envelope: Envelope) -> Result<(), mpsc::error::SendError<Envelope>> {
         self.mailbox.send(envelope).await
+    }
+
+    /// Ends the entity's task at its next await, dropping its mailbox (a supervisor's kill).
+    pub fn abort(&self) {
+        self.task.abort();
     }
 
     /// This activation's generation.
@@ -105,38 +113,44 @@ impl EntityHandle {
 /// Starts an activation on `tracker` and returns its handle. The entity loads its durable
 /// state before it takes its first message.
 pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
+    let generation = args.generation;
     let (mailbox, inbox) = mpsc::channel(args.config.mailbox_capacity.max(1));
     let shared = Arc::new(Shared {
         id: args.id.clone(),
         behaviour: args.behaviour.clone(),
         committed: RwLock::new(None),
     });
-    let handle = EntityHandle {
-        mailbox,
-        generation: args.generation,
-        shared: shared.clone(),
-    };
     let process = Process {
         id: args.id,
         shard: args.shard,
-        generation: args.generation,
+        generation,
         behaviour: args.behaviour,
         store: args.store,
         host: args.host,
         config: args.config,
-        shared,
+        shared: shared.clone(),
         inbox,
         seq: 0,
         events_since_snapshot: 0,
+        deleted: false,
     };
-    tracker.spawn(process.run());
-    handle
+    let task = tracker.spawn(process.run()).abort_handle();
+    EntityHandle { mailbox, task, generation, shared }
+}
+
+/// What a turn handles: a message from a client, or an info message from the engine.
+enum Inbound {
+    Message(Value),
+    Info(Value),
 }
 
 /// What the loop does after a message.
 enum Next {
     Continue,
+    /// Leave the directory and end; racing messages go to a new activation.
     Passivate,
+    /// End at once: the directory entry and the mailbox were already dealt with.
+    Exit,
 }
 
 struct Process {
@@ -152,6 +166,8 @@ struct Process {
     /// Sequence number of the last committed event.
     seq: u64,
     events_since_snapshot: u64,
+    /// Set once `Delete` removed the entity's data: its exit is reported as a deletion.
+    deleted: bool,
 }
 
 impl Process {
@@ -170,8 +186,10 @@ impl Process {
                     Err(_idle) if self.inbox.is_empty() => break,
                     Err(_idle) => continue,
                 };
-            if let Next::Passivate = self.handle(envelope).await {
-                break;
+            match self.handle(envelope).await {
+                Next::Continue => {}
+                Next::Passivate => break,
+                Next::Exit => return,
             }
         }
         self.passivate();
@@ -202,12 +220,23 @@ impl Process {
         }
         let (result, next) = match envelope.request {
             Request::Call { message, reply } => {
-                let (result, next) = self.turn(message).await;
+                let (result, next) = self.turn(Inbound::Message(message)).await;
+                let outcome = result.as_ref().map(drop).map_err(Clone::clone);
                 let _ = reply.send(result);
-                (Ok(()), next)
+                (outcome, next)
             }
             Request::Cast { message } => {
-                let (result, next) = self.turn(message).await;
+                let (result, next) = self.turn(Inbound::Message(message)).await;
+                if let Err(error) = &result {
+                    tracing::debug!(entity = %self.id, %error, "cast failed");
+                }
+                (result.map(drop), next)
+            }
+            Request::Info { message } => {
+                let (result, next) = self.turn(Inbound::Info(message)).await;
+                if let Err(error) = &result {
+                    tracing::debug!(entity = %self.id, %error, "info message failed");
+                }
                 (result.map(drop), next)
             }
             Request::Stop { reply } => {
@@ -221,8 +250,10 @@ impl Process {
                 return Next::Passivate;
             }
         };
-        if let Err(error) = result {
-            tracing::debug!(entity = %self.id, %error, "cast failed");
+        match result {
+            Err(EntityError::Crashed { reason, .. }) => return self.on_crash(reason).await,
+            Err(EntityError::StorageUnavailable { reason, .. }) => self.host.storage_failed(&reason),
+            _ => {}
         }
         if let Next::Continue = next {
             self.maybe_snapshot().await;
@@ -230,28 +261,49 @@ impl Process {
         next
     }
 
+    /// A turn crashed. Nothing of it was written; the shard's supervisor decides whether this
+    /// activation restarts from durable state, stops, or is quarantined.
+    async fn on_crash(&mut self, reason: String) -> Next {
+        tracing::warn!(entity = %self.id, %reason, "entity crashed");
+        match self.host.crashed(&self.id, self.generation, &reason) {
+            CrashVerdict::Restart => match self.activate().await {
+                Ok(()) => Next::Continue,
+                Err(error) => {
+                    self.fail_activation(error).await;
+                    Next::Exit
+                }
+            },
+            CrashVerdict::Stop => Next::Passivate,
+            CrashVerdict::Quarantine(error) => {
+                self.refuse_remaining(error);
+                Next::Exit
+            }
+        }
+    }
+
     /// Runs one message: handler, commit, apply. Returns the reply and whether the entity
     /// can go on (it cannot after a failure that leaves its in-memory state in doubt).
-    async fn turn(&mut self, message: Value) -> (Result<CallReply, EntityError>, Next) {
-        let turn = match self.run_handler(message) {
+    async fn turn(&mut self, inbound: Inbound) -> (Result<CallReply, EntityError>, Next) {
+        let turn = match self.run_handler(inbound) {
             Ok(turn) => turn,
             Err(error) => return (Err(error), Next::Continue),
         };
-        if turn.events.is_empty() {
-            return (
-                Ok(CallReply {
-                    reply: turn.reply,
-                    seq: self.seq,
-                }),
-                Next::Continue,
-            );
+        if !turn.events.is_empty() {
+            if let Err(error) = self.commit_events(&turn.events).await {
+                // The journal may or may not hold the batch; reload from storage to find out.
+                return (Err(error), Next::Passivate);
+            }
+            if let Err(error) = self.apply_committed(&turn.events) {
+                // A crash: the restart reloads the committed events from storage.
+                return (Err(error), Next::Continue);
+            }
         }
-        if let Err(error) = self.commit_events(&turn.events).await {
-            // The journal may or may not hold the batch; reload from storage to find out.
-            return (Err(error), Next::Passivate);
-        }
-        if let Err(error) = self.apply_committed(&turn.events) {
-            return (Err(error), Next::Passivate);
+        // Effects run only once the turn is durable.
+        for effect in turn.effects {
+            match effect {
+                Effect::Monitor(target) => self.host.monitor(&self.id, &target),
+                Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
+            }
         }
         (
             Ok(CallReply {
@@ -263,14 +315,15 @@ impl Process {
     }
 
     /// Calls the behaviour's handler against the committed state, turning a panic into a crash.
-    fn run_handler(&self, message: Value) -> Result<Turn, EntityError> {
+    fn run_handler(&self, inbound: Inbound) -> Result<Turn, EntityError> {
         let guard = self.shared.committed.read();
         let Some(committed) = guard.as_ref() else {
             return Err(self.crashed("the entity has no state loaded".into()));
         };
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            self.behaviour
-                .handle(&self.id.key, &committed.state, message)
+        let key = &self.id.key;
+        let outcome = catch_unwind(AssertUnwindSafe(|| match inbound {
+            Inbound::Message(message) => self.behaviour.handle(key, &committed.state, message),
+            Inbound::Info(info) => self.behaviour.handle_info(key, &committed.state, info),
         }));
         match outcome {
             Ok(Ok(turn)) => Ok(turn),
@@ -373,6 +426,7 @@ impl Process {
             self.commit(vec![Op::Delete]).await?;
         }
         *self.shared.committed.write() = None;
+        self.deleted = true;
         Ok(existed)
     }
 
@@ -390,7 +444,8 @@ impl Process {
 
     /// Leaves the directory; messages that slipped in meanwhile go to a new activation.
     fn passivate(&mut self) {
-        self.host.deregister(&self.id, self.generation);
+        let exit = if self.deleted { Exit::Deleted } else { Exit::Stopped };
+        self.host.exited(&self.id, self.generation, exit);
         self.inbox.close();
         while let Ok(envelope) = self.inbox.try_recv() {
             self.host
@@ -411,6 +466,15 @@ impl Process {
                 }
                 _ => envelope.fail(error.clone()),
             }
+        }
+    }
+
+    /// Leaves the directory and answers every waiting message with `error`.
+    fn refuse_remaining(&mut self, error: EntityError) {
+        self.host.deregister(&self.id, self.generation);
+        self.inbox.close();
+        while let Ok(envelope) = self.inbox.try_recv() {
+            envelope.fail(error.clone());
         }
     }
 

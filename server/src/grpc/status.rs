@@ -13,6 +13,8 @@ pub fn code_of(error: &EntityError) -> Code {
         EntityError::UnknownType { .. } | EntityError::NotFound(_) => Code::NotFound,
         EntityError::MailboxFull { .. } => Code::ResourceExhausted,
         EntityError::Crashed { .. } => Code::Aborted,
+        EntityError::Quarantined { .. } => Code::FailedPrecondition,
+        EntityError::ShardRestarting { .. } => Code::Unavailable,
         EntityError::Corrupt { .. } => Code::DataLoss,
         EntityError::RecoveryFailed { .. } | EntityError::Storage { .. } => Code::Internal,
         EntityError::StorageUnavailable { .. } | EntityError::ShuttingDown => Code::Unavailable,

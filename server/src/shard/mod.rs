@@ -15,7 +15,7 @@ mod directory;
 pub mod hash;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -24,7 +24,9 @@ use tokio_util::task::TaskTracker;
 use crate::address::EntityId;
 use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
 use crate::entity::{recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView};
+use crate::config::SupervisionConfig;
 use crate::storage::Store;
+use crate::supervisor::{NodeKind, RootSupervisor, TreeNode};
 
 use directory::{Shard, ShardContext};
 
@@ -53,17 +55,25 @@ impl Shards {
         registry: Arc<BehaviourRegistry>,
         store: Arc<dyn Store>,
         config: EntityConfig,
+        supervision: SupervisionConfig,
+        root: Arc<RootSupervisor>,
     ) -> Self {
         let context = Arc::new(ShardContext {
             store: store.clone(),
             config: Arc::new(config),
+            supervision,
+            root,
+            registry: registry.clone(),
+            shards: OnceLock::new(),
             tracker: TaskTracker::new(),
             closing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
         });
-        let shards = (0..store.shard_count())
+        let shards: Vec<Arc<Shard>> = (0..store.shard_count())
             .map(|index| Shard::new(index, context.clone()))
             .collect();
+        // Set once, right after the shards exist; nothing routes before `new` returns.
+        let _ = context.shards.set(shards.iter().map(Arc::downgrade).collect());
         Shards {
             shards,
             registry,
@@ -222,6 +232,36 @@ impl Shards {
             keys,
             next_page_token,
         })
+    }
+
+    /// Clears an entity's quarantine and crash history and stops its activation, so the next
+    /// message starts it afresh from durable state. Returns whether it was quarantined.
+    pub async fn reset(&self, id: EntityId) -> Result<bool, EntityError> {
+        let (shard, _) = self.locate(&id)?;
+        let was_quarantined = shard.reset(&id);
+        self.stop(id).await?;
+        Ok(was_quarantined)
+    }
+
+    /// The supervision tree: the root over storage, every shard (with at most
+    /// `entities_per_shard_max` of its entities) and the gRPC server.
+    pub fn tree(&self, entities_per_shard_max: usize) -> TreeNode {
+        let worker = |name: &str, state: &str| TreeNode {
+            name: name.into(),
+            kind: NodeKind::Worker,
+            strategy: None,
+            state: state.into(),
+            restarts: 0,
+            restarts_in_window: 0,
+            mailbox_len: None,
+            last_crash: None,
+            children: Vec::new(),
+        };
+        let root = &self.context.root;
+        let mut children = vec![worker("storage", if root.gave_up().is_some() { "stopping" } else { "running" })];
+        children.extend(self.shards.iter().map(|shard| shard.tree(entities_per_shard_max).0));
+        children.push(worker("grpc", "running"));
+        root.tree(children)
     }
 
     /// Number of active entities over all shards.

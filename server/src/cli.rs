@@ -1,0 +1,145 @@
+//! The command line of `statehouse-server`: flags, logging, the runtime.
+//!
+//! Embedders reuse it whole: build a [`BehaviourRegistry`] with their own Rust behaviours and
+//! call [`main`] from their binary's `main` to get the same flags, config file, logging and
+//! signal handling as `statehouse-server` (see README, "Embedding").
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use crate::behaviour::BehaviourRegistry;
+use crate::config::{Config, ConfigError};
+use crate::server::{run_until_signalled, Server};
+use crate::storage::Durability;
+use tracing_subscriber::EnvFilter;
+
+/// statehouse: a persistent state-service database server.
+///
+/// Settings come from built-in defaults, then `--config FILE` (TOML, same names with
+/// underscores), then these flags. Logs go to stderr; RUST_LOG filters them (default: info).
+#[derive(Debug, Parser)]
+#[command(name = "statehouse-server", version)]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the log says which) [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Shard count for a new data dir; an existing one keeps its own [default: 16].
+    #[arg(long, value_name = "N")]
+    shards: Option<u32>,
+    /// sync: reply after fdatasync; async: reply after write, sync within the window [default: sync].
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityFlag>,
+    /// With --durability async, the longest wait for fdatasync [default: 100].
+    #[arg(long, value_name = "MS")]
+    async_sync_window_ms: Option<u64>,
+    /// Snapshot an entity every N events; 0 never [default: 1000].
+    #[arg(long, value_name = "N")]
+    snapshot_every_events: Option<u64>,
+    /// Passivate an entity after this long without messages [default: 60000].
+    #[arg(long, value_name = "MS")]
+    idle_timeout_ms: Option<u64>,
+    /// Messages an entity's mailbox holds before RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, value_name = "N")]
+    mailbox_capacity: Option<usize>,
+    /// Checkpoint at least this often [default: 5000].
+    #[arg(long, value_name = "MS")]
+    checkpoint_interval_ms: Option<u64>,
+    /// Checkpoint after this many journal bytes [default: 268435456].
+    #[arg(long, value_name = "BYTES")]
+    checkpoint_journal_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DurabilityFlag {
+    Sync,
+    Async,
+}
+
+impl Flags {
+    /// The configuration these flags describe: defaults, then the file, then the flags.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        fn set<T>(slot: &mut T, flag: Option<T>) {
+            if let Some(value) = flag {
+                *slot = value;
+            }
+        }
+        set(&mut config.listen, self.listen);
+        set(&mut config.data_dir, self.data_dir);
+        set(&mut config.shards, self.shards);
+        set(
+            &mut config.durability,
+            self.durability.map(|d| match d {
+                DurabilityFlag::Sync => Durability::Sync,
+                DurabilityFlag::Async => Durability::Async,
+            }),
+        );
+        set(&mut config.async_sync_window_ms, self.async_sync_window_ms);
+        set(
+            &mut config.snapshot_every_events,
+            self.snapshot_every_events,
+        );
+        set(&mut config.idle_timeout_ms, self.idle_timeout_ms);
+        set(&mut config.mailbox_capacity, self.mailbox_capacity);
+        set(
+            &mut config.checkpoint_interval_ms,
+            self.checkpoint_interval_ms,
+        );
+        set(
+            &mut config.checkpoint_journal_bytes,
+            self.checkpoint_journal_bytes,
+        );
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Parses the command line and runs a server with `registry` until SIGTERM or Ctrl-C.
+/// Exit status: 0 after a graceful shutdown, 2 for invalid settings, 1 otherwise (including
+/// when the root supervisor gave up).
+pub fn main(registry: BehaviourRegistry) -> ExitCode {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let config = match flags.into_config() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!("invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_until_signalled(Server::with_registry(config, registry))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
