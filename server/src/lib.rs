@@ -9,6 +9,8 @@
 //!   passivation, recovery by replay.
 //! - [`behaviour`]: the code of entity types: the traits, the registry, the built-ins.
 //! - [`storage`]: the `Store` trait and its journal + sled implementation.
+//! - [`supervisor`]: OTP supervision as pure logic: strategies, restart policies, intensity,
+//!   backoff, the static supervisor's state machine and the tree the admin API shows.
 //! - [`address`]: the `(type, key)` address every layer shares.
 //! - [`cli`]: the command line (flags, logging, runtime), reusable by embedders.
 //! - [`config`], [`server`] (wiring and ordered shutdown), [`shutdown`] (the signal).
