@@ -21,6 +21,7 @@ use statehouse_proto::value::{json_to_proto, proto_to_json};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
+use crate::admin::TreeNode;
 use crate::error::{error_chain, ClientError};
 use crate::{Counter, Kv, Register};
 

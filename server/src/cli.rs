@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
 use crate::behaviour::BehaviourRegistry;
 use crate::config::{Config, ConfigError};
 use crate::server::{run_until_signalled, Server};
 use crate::storage::Durability;
+use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 /// statehouse: a persistent state-service database server.

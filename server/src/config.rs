@@ -13,8 +13,8 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use crate::entity::EntityConfig;
-use crate::supervisor::{Backoff, Intensity, RestartPolicy};
 use crate::storage::{Durability, StoreConfig};
+use crate::supervisor::{Backoff, Intensity, RestartPolicy};
 
 /// The largest shard count a data dir may be created with.
 pub const SHARDS_MAX: u32 = 4096;
@@ -99,32 +99,50 @@ impl Default for SupervisionConfig {
             types: BTreeMap::new(),
             quarantine_ms: 30_000,
             shard: ShardSupervision::default(),
-            root: Intensity { max_restarts: 3, max_seconds: 60 },
+            root: Intensity {
+                max_restarts: 3,
+                max_seconds: 60,
+            },
         }
     }
 }
 
 impl Default for EntitySupervision {
     fn default() -> Self {
-        EntitySupervision { policy: RestartPolicy::Permanent, max_restarts: 3, max_seconds: 5 }
+        EntitySupervision {
+            policy: RestartPolicy::Permanent,
+            max_restarts: 3,
+            max_seconds: 5,
+        }
     }
 }
 
 impl Default for ShardSupervision {
     fn default() -> Self {
-        ShardSupervision { max_restarts: 5, max_seconds: 60, backoff_initial_ms: 100, backoff_max_ms: 10_000 }
+        ShardSupervision {
+            max_restarts: 5,
+            max_seconds: 60,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 10_000,
+        }
     }
 }
 
 impl EntitySupervision {
     pub fn intensity(&self) -> Intensity {
-        Intensity { max_restarts: self.max_restarts, max_seconds: self.max_seconds }
+        Intensity {
+            max_restarts: self.max_restarts,
+            max_seconds: self.max_seconds,
+        }
     }
 }
 
 impl ShardSupervision {
     pub fn intensity(&self) -> Intensity {
-        Intensity { max_restarts: self.max_restarts, max_seconds: self.max_seconds }
+        Intensity {
+            max_restarts: self.max_restarts,
+            max_seconds: self.max_seconds,
+        }
     }
 
     pub fn backoff(&self) -> Backoff {
@@ -333,9 +351,15 @@ mod tests {
         )
         .unwrap();
         let default = config.supervision.for_type("counter");
-        assert_eq!((default.policy, default.max_restarts), (RestartPolicy::Permanent, 7));
+        assert_eq!(
+            (default.policy, default.max_restarts),
+            (RestartPolicy::Permanent, 7)
+        );
         let kv = config.supervision.for_type("kv");
-        assert_eq!((kv.policy, kv.max_restarts, kv.max_seconds), (RestartPolicy::Temporary, 3, 9));
+        assert_eq!(
+            (kv.policy, kv.max_restarts, kv.max_seconds),
+            (RestartPolicy::Temporary, 3, 9)
+        );
     }
 
     #[test]

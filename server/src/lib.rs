@@ -10,7 +10,8 @@
 //! - [`behaviour`]: the code of entity types: the traits, the registry, the built-ins.
 //! - [`storage`]: the `Store` trait and its journal + sled implementation.
 //! - [`supervisor`]: OTP supervision as pure logic: strategies, restart policies, intensity,
-//!   backoff, the static supervisor's state machine and the tree the admin API shows.
+//!   backoff, the static supervisor's state machine and the tree the admin API shows; and
+//!   the root supervisor, which counts its children's restarts and gives up past its intensity.
 //! - [`address`]: the `(type, key)` address every layer shares.
 //! - [`cli`]: the command line (flags, logging, runtime), reusable by embedders.
 //! - [`config`], [`server`] (wiring and ordered shutdown), [`shutdown`] (the signal).

@@ -41,7 +41,11 @@ pub struct Turn {
 impl Turn {
     /// A turn that replies and changes nothing.
     pub fn reply(reply: Value) -> Self {
-        Turn { reply, events: Vec::new(), effects: Vec::new() }
+        Turn {
+            reply,
+            events: Vec::new(),
+            effects: Vec::new(),
+        }
     }
 }
 
@@ -116,7 +120,12 @@ pub trait Behaviour: Send + Sync + 'static {
 
     /// Handles an info message (OTP's `handle_info`): a monitor's `DOWN`, and later timers.
     /// The default ignores it.
-    fn handle_info(&self, _key: &str, _state: &ErasedState, _info: Value) -> Result<Turn, BehaviourError> {
+    fn handle_info(
+        &self,
+        _key: &str,
+        _state: &ErasedState,
+        _info: Value,
+    ) -> Result<Turn, BehaviourError> {
         Ok(Turn::reply(Value::Null))
     }
 }

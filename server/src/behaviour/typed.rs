@@ -144,7 +144,6 @@ impl<B: TypedBehaviour> Behaviour for Typed<B> {
         erase_turn(turn)
     }
 
-
     fn apply(&self, state: &mut ErasedState, event: &Value) -> Result<(), BehaviourError> {
         let event: B::Event = serde_json::from_value(event.clone()).map_err(|e| {
             BehaviourError::Decode(format!("event is not a {} event: {e}", B::TYPE_NAME))
@@ -192,5 +191,9 @@ fn erase_turn<E: Serialize, R: Serialize>(turn: TypedTurn<E, R>) -> Result<Turn,
                 .map_err(|e| BehaviourError::Failed(format!("event does not serialize: {e}")))
         })
         .collect::<Result<_, _>>()?;
-    Ok(Turn { reply, events, effects: turn.effects })
+    Ok(Turn {
+        reply,
+        events,
+        effects: turn.effects,
+    })
 }

@@ -32,7 +32,9 @@ pub enum EntityError {
         last_crash: String,
         retry_after_ms: u64,
     },
-    #[error("shard {shard} is restarting after repeated entity crashes; retry in {retry_after_ms} ms")]
+    #[error(
+        "shard {shard} is restarting after repeated entity crashes; retry in {retry_after_ms} ms"
+    )]
     ShardRestarting { shard: u32, retry_after_ms: u64 },
     #[error("entity {entity} is corrupt and is not served: {detail}")]
     Corrupt { entity: EntityId, detail: String },

@@ -135,7 +135,12 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         deleted: false,
     };
     let task = tracker.spawn(process.run()).abort_handle();
-    EntityHandle { mailbox, task, generation, shared }
+    EntityHandle {
+        mailbox,
+        task,
+        generation,
+        shared,
+    }
 }
 
 /// What a turn handles: a message from a client, or an info message from the engine.
@@ -252,7 +257,9 @@ impl Process {
         };
         match result {
             Err(EntityError::Crashed { reason, .. }) => return self.on_crash(reason).await,
-            Err(EntityError::StorageUnavailable { reason, .. }) => self.host.storage_failed(&reason),
+            Err(EntityError::StorageUnavailable { reason, .. }) => {
+                self.host.storage_failed(&reason)
+            }
             _ => {}
         }
         if let Next::Continue = next {
@@ -444,7 +451,11 @@ impl Process {
 
     /// Leaves the directory; messages that slipped in meanwhile go to a new activation.
     fn passivate(&mut self) {
-        let exit = if self.deleted { Exit::Deleted } else { Exit::Stopped };
+        let exit = if self.deleted {
+            Exit::Deleted
+        } else {
+            Exit::Stopped
+        };
         self.host.exited(&self.id, self.generation, exit);
         self.inbox.close();
         while let Ok(envelope) = self.inbox.try_recv() {

@@ -72,7 +72,10 @@ impl AdminService for AdminApi {
         request: Request<ResetEntityRequest>,
     ) -> Result<Response<ResetEntityResponse>, Status> {
         let request = request.into_inner();
-        let id = EntityId { entity_type: request.r#type, key: request.key };
+        let id = EntityId {
+            entity_type: request.r#type,
+            key: request.key,
+        };
         let was_quarantined = self.shards.reset(id).await?;
         Ok(Response::new(ResetEntityResponse { was_quarantined }))
     }

@@ -17,16 +17,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc::error::TrySendError;
 use std::time::Instant;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{down_message, Behaviour, BehaviourRegistry, Value};
 use crate::config::SupervisionConfig;
 use crate::entity::{
-    self, CrashVerdict, EntityConfig, EntityError, EntityHandle, EntityHost, Envelope, Exit, Request,
-    SpawnArgs,
+    self, CrashVerdict, EntityConfig, EntityError, EntityHandle, EntityHost, Envelope, Exit,
+    Request, SpawnArgs,
 };
 use crate::storage::Store;
 use crate::supervisor::{ExitReason, NodeKind, RestartWindow, RootSupervisor, Strategy, TreeNode};
@@ -55,7 +55,9 @@ pub const WATCHERS_PER_ENTITY_MAX: usize = 1024;
 impl ShardContext {
     fn shard_of(&self, id: &EntityId) -> Option<Arc<Shard>> {
         let shards = self.shards.get()?;
-        shards.get(super::hash::shard_of(id, shards.len() as u32) as usize)?.upgrade()
+        shards
+            .get(super::hash::shard_of(id, shards.len() as u32) as usize)?
+            .upgrade()
     }
 
     /// Delivers an info message to `target`, waiting (bounded) for room in its mailbox. Runs
@@ -68,11 +70,20 @@ impl ShardContext {
                 return;
             };
             for _attempt in 0..INFO_DELIVERY_ATTEMPTS_MAX {
-                let Some(shard) = context.shard_of(&target) else { return };
-                let envelope = Envelope { request: Request::Info { message: message.clone() }, deadline: None };
+                let Some(shard) = context.shard_of(&target) else {
+                    return;
+                };
+                let envelope = Envelope {
+                    request: Request::Info {
+                        message: message.clone(),
+                    },
+                    deadline: None,
+                };
                 match shard.route(&target, &behaviour, envelope) {
                     Ok(()) => return,
-                    Err(undelivered) if matches!(undelivered.error, EntityError::MailboxFull { .. }) => {
+                    Err(undelivered)
+                        if matches!(undelivered.error, EntityError::MailboxFull { .. }) =>
+                    {
                         tokio::time::sleep(INFO_DELIVERY_RETRY).await;
                     }
                     Err(undelivered) => {
@@ -134,6 +145,15 @@ struct ShardState {
     monitors: HashMap<EntityId, Vec<EntityId>>,
 }
 
+impl ShardState {
+    /// Whether `generation` is the registered activation of `id`.
+    fn is_current(&self, id: &EntityId, generation: u64) -> bool {
+        self.directory
+            .get(id)
+            .is_some_and(|handle| handle.generation() == generation)
+    }
+}
+
 /// A shard: the entities whose addresses hash to it.
 pub(super) struct Shard {
     index: u32,
@@ -155,7 +175,12 @@ impl Shard {
             last_crash: None,
             monitors: HashMap::new(),
         };
-        Arc::new_cyclic(|this| Shard { index, context, state: Mutex::new(state), this: this.clone() })
+        Arc::new_cyclic(|this| Shard {
+            index,
+            context,
+            state: Mutex::new(state),
+            this: this.clone(),
+        })
     }
 
     /// Delivers a message to the entity, activating it if needed. A full mailbox is refused
@@ -189,7 +214,10 @@ impl Shard {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full(envelope)) => {
                     let capacity = self.context.config.mailbox_capacity;
-                    let error = EntityError::MailboxFull { entity: id.clone(), capacity };
+                    let error = EntityError::MailboxFull {
+                        entity: id.clone(),
+                        capacity,
+                    };
                     return Err(Undelivered::new(error, envelope));
                 }
                 // The activation passivated after we looked it up: retry with a fresh one.
@@ -207,7 +235,10 @@ impl Shard {
         if let Some(until) = state.backoff_until {
             if until > now {
                 let retry_after_ms = (until - now).as_millis() as u64 + 1;
-                return Err(EntityError::ShardRestarting { shard: self.index, retry_after_ms });
+                return Err(EntityError::ShardRestarting {
+                    shard: self.index,
+                    retry_after_ms,
+                });
             }
             state.backoff_until = None;
         }
@@ -274,7 +305,12 @@ impl Shard {
                 name: id.to_string(),
                 kind: NodeKind::Entity,
                 strategy: None,
-                state: if active { "quarantined" } else { "quarantine_expired" }.into(),
+                state: if active {
+                    "quarantined"
+                } else {
+                    "quarantine_expired"
+                }
+                .into(),
                 restarts: quarantine.crashes as u64,
                 restarts_in_window: quarantine.crashes as u32,
                 mailbox_len: None,
@@ -304,7 +340,8 @@ impl Shard {
     fn fire_monitors(&self, state: &mut ShardState, id: &EntityId, reason: &str, detail: &str) {
         if let Some(watchers) = state.monitors.remove(id) {
             for watcher in watchers {
-                self.context.deliver_info(watcher, down_message(id, reason, detail));
+                self.context
+                    .deliver_info(watcher, down_message(id, reason, detail));
             }
         }
     }
@@ -348,7 +385,7 @@ impl Shard {
 impl EntityHost for Shard {
     fn deregister(&self, id: &EntityId, generation: u64) {
         let mut state = self.state.lock();
-        if state.directory.get(id).is_some_and(|handle| handle.generation() == generation) {
+        if state.is_current(id, generation) {
             state.directory.remove(id);
         }
     }
@@ -368,18 +405,24 @@ impl EntityHost for Shard {
         let now = Instant::now();
         let supervision = self.context.supervision.for_type(&id.entity_type);
         let mut state = self.state.lock();
-        if !state.directory.get(id).is_some_and(|handle| handle.generation() == generation) {
+        if !state.is_current(id, generation) {
             // A stale activation (its shard restarted meanwhile): it just ends.
             return CrashVerdict::Stop;
         }
-        let record = state.crashes.entry(id.clone()).or_insert_with(|| CrashRecord {
-            window: RestartWindow::new(supervision.intensity()),
-            restarts: 0,
-            last_crash: String::new(),
-        });
+        let record = state
+            .crashes
+            .entry(id.clone())
+            .or_insert_with(|| CrashRecord {
+                window: RestartWindow::new(supervision.intensity()),
+                restarts: 0,
+                last_crash: String::new(),
+            });
         record.last_crash = reason.to_owned();
         // OTP: a temporary child is never restarted, and its exit counts nothing.
-        if !supervision.policy.restarts_after(&ExitReason::Crashed(reason.to_owned())) {
+        if !supervision
+            .policy
+            .restarts_after(&ExitReason::Crashed(reason.to_owned()))
+        {
             state.crashes.remove(id);
             self.fire_monitors(&mut state, id, "crashed", reason);
             return CrashVerdict::Stop;
@@ -410,10 +453,17 @@ impl EntityHost for Shard {
         self.fire_monitors(&mut state, id, "quarantined", reason);
         tracing::warn!(entity = %id, crashes, %reason, "entity quarantined: it crashed past its intensity");
         if !state.escalations.record(now) {
-            let shard_reason = format!("entity {id} was quarantined ({reason}) past shard-{}'s intensity", self.index);
+            let shard_reason = format!(
+                "entity {id} was quarantined ({reason}) past shard-{}'s intensity",
+                self.index
+            );
             // The root decides whether the shard may restart; past its own intensity it stops
             // the whole server, which then exits non-zero.
-            if self.context.root.child_restarted(&format!("shard-{}", self.index), &shard_reason) {
+            if self
+                .context
+                .root
+                .child_restarted(&format!("shard-{}", self.index), &shard_reason)
+            {
                 self.restart(&mut state, &shard_reason);
             }
         }
@@ -426,7 +476,7 @@ impl EntityHost for Shard {
 
     fn exited(&self, id: &EntityId, generation: u64, exit: Exit) {
         let mut state = self.state.lock();
-        if !state.directory.get(id).is_some_and(|handle| handle.generation() == generation) {
+        if !state.is_current(id, generation) {
             return;
         }
         state.directory.remove(id);
@@ -454,7 +504,8 @@ impl EntityHost for Shard {
         });
         if !registered {
             let detail = "the entity was not active when the monitor was set";
-            self.context.deliver_info(watcher.clone(), down_message(target, "not_active", detail));
+            self.context
+                .deliver_info(watcher.clone(), down_message(target, "not_active", detail));
         }
     }
 

@@ -23,8 +23,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
-use crate::entity::{recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView};
 use crate::config::SupervisionConfig;
+use crate::entity::{recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView};
 use crate::storage::Store;
 use crate::supervisor::{NodeKind, RootSupervisor, TreeNode};
 
@@ -73,7 +73,9 @@ impl Shards {
             .map(|index| Shard::new(index, context.clone()))
             .collect();
         // Set once, right after the shards exist; nothing routes before `new` returns.
-        let _ = context.shards.set(shards.iter().map(Arc::downgrade).collect());
+        let _ = context
+            .shards
+            .set(shards.iter().map(Arc::downgrade).collect());
         Shards {
             shards,
             registry,
@@ -258,8 +260,19 @@ impl Shards {
             children: Vec::new(),
         };
         let root = &self.context.root;
-        let mut children = vec![worker("storage", if root.gave_up().is_some() { "stopping" } else { "running" })];
-        children.extend(self.shards.iter().map(|shard| shard.tree(entities_per_shard_max).0));
+        let mut children = vec![worker(
+            "storage",
+            if root.gave_up().is_some() {
+                "stopping"
+            } else {
+                "running"
+            },
+        )];
+        children.extend(
+            self.shards
+                .iter()
+                .map(|shard| shard.tree(entities_per_shard_max).0),
+        );
         children.push(worker("grpc", "running"));
         root.tree(children)
     }

@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use super::*;
 use crate::behaviour::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Value};
 use crate::shutdown::Shutdown;
-use crate::supervisor::RestartPolicy;
 use crate::storage::{EntityBatch, LoadedEntity, Op, StoreError, StoredRecord};
+use crate::supervisor::RestartPolicy;
 
 /// A `Store` held in memory, for tests of the layers above storage only.
 #[derive(Default)]
@@ -127,7 +127,12 @@ fn config() -> EntityConfig {
 }
 
 fn shards_on(store: Arc<MemoryStore>, config: EntityConfig) -> Shards {
-    shards_with(BehaviourRegistry::with_builtins(), store, config, SupervisionConfig::default())
+    shards_with(
+        BehaviourRegistry::with_builtins(),
+        store,
+        config,
+        SupervisionConfig::default(),
+    )
 }
 
 fn shards_with(
@@ -136,7 +141,11 @@ fn shards_with(
     config: EntityConfig,
     supervision: SupervisionConfig,
 ) -> Shards {
-    let root = Arc::new(RootSupervisor::new(store.shard_count(), supervision.root, Shutdown::new()));
+    let root = Arc::new(RootSupervisor::new(
+        store.shard_count(),
+        supervision.root,
+        Shutdown::new(),
+    ));
     Shards::new(Arc::new(registry), store, config, supervision, root)
 }
 
@@ -483,29 +492,60 @@ impl Behaviour for Probe {
     fn initial_state(&self, _key: &str) -> ErasedState {
         Box::new(Vec::<Value>::new())
     }
-    fn handle(&self, _key: &str, _state: &ErasedState, message: Value) -> Result<Turn, BehaviourError> {
-        if let Some([t, k]) = message.get("monitor").and_then(Value::as_array).map(Vec::as_slice) {
+    fn handle(
+        &self,
+        _key: &str,
+        _state: &ErasedState,
+        message: Value,
+    ) -> Result<Turn, BehaviourError> {
+        if let Some([t, k]) = message
+            .get("monitor")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+        {
             let target = EntityId::new(t.as_str().unwrap(), k.as_str().unwrap()).unwrap();
-            return Ok(Turn { reply: json!("monitoring"), events: vec![], effects: vec![Effect::Monitor(target)] });
+            return Ok(Turn {
+                reply: json!("monitoring"),
+                events: vec![],
+                effects: vec![Effect::Monitor(target)],
+            });
         }
         match message.as_str() {
             Some("boom") => panic!("boom requested"),
             Some("fail") => Err(BehaviourError::Failed("failure requested".into())),
-            _ => Ok(Turn { reply: json!("ok"), events: vec![json!("tick")], effects: vec![] }),
+            _ => Ok(Turn {
+                reply: json!("ok"),
+                events: vec![json!("tick")],
+                effects: vec![],
+            }),
         }
     }
-    fn handle_info(&self, _key: &str, _state: &ErasedState, info: Value) -> Result<Turn, BehaviourError> {
-        Ok(Turn { reply: Value::Null, events: vec![info], effects: vec![] })
+    fn handle_info(
+        &self,
+        _key: &str,
+        _state: &ErasedState,
+        info: Value,
+    ) -> Result<Turn, BehaviourError> {
+        Ok(Turn {
+            reply: Value::Null,
+            events: vec![info],
+            effects: vec![],
+        })
     }
     fn apply(&self, state: &mut ErasedState, event: &Value) -> Result<(), BehaviourError> {
-        state.downcast_mut::<Vec<Value>>().unwrap().push(event.clone());
+        state
+            .downcast_mut::<Vec<Value>>()
+            .unwrap()
+            .push(event.clone());
         Ok(())
     }
     fn state_to_value(&self, state: &ErasedState) -> Result<Value, BehaviourError> {
         Ok(json!(state.downcast_ref::<Vec<Value>>().unwrap()))
     }
     fn state_from_value(&self, value: Value) -> Result<ErasedState, BehaviourError> {
-        Ok(Box::new(serde_json::from_value::<Vec<Value>>(value).unwrap()))
+        Ok(Box::new(
+            serde_json::from_value::<Vec<Value>>(value).unwrap(),
+        ))
     }
 }
 
@@ -532,15 +572,33 @@ async fn a_crash_writes_nothing_and_restarts_from_durable_state() {
     let shards = probes(store.clone(), supervision(3));
     shards.call(probe("x"), json!("tick"), None).await.unwrap();
     for poison in ["boom", "fail"] {
-        let err = shards.call(probe("x"), json!(poison), None).await.unwrap_err();
+        let err = shards
+            .call(probe("x"), json!(poison), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, EntityError::Crashed { .. }), "{err}");
         assert!(err.to_string().contains("requested"), "{err}");
     }
     assert_eq!(store.commits.load(Ordering::SeqCst), 1);
-    assert_eq!(shards.call(probe("x"), json!("tick"), None).await.unwrap().seq, 2);
+    assert_eq!(
+        shards
+            .call(probe("x"), json!("tick"), None)
+            .await
+            .unwrap()
+            .seq,
+        2
+    );
     let tree = shards.tree(10);
-    let node = tree.walk().into_iter().find(|n| n.name == "probe/x").cloned().unwrap();
-    assert_eq!((node.restarts, node.last_crash.as_deref()), (2, Some("failure requested")));
+    let node = tree
+        .walk()
+        .into_iter()
+        .find(|n| n.name == "probe/x")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (node.restarts, node.last_crash.as_deref()),
+        (2, Some("failure requested"))
+    );
 }
 
 #[tokio::test]
@@ -549,12 +607,21 @@ async fn past_its_intensity_an_entity_is_quarantined_until_reset() {
     let shards = probes(store.clone(), supervision(2));
     shards.call(probe("x"), json!("tick"), None).await.unwrap();
     for _ in 0..3 {
-        let err = shards.call(probe("x"), json!("fail"), None).await.unwrap_err();
+        let err = shards
+            .call(probe("x"), json!("fail"), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, EntityError::Crashed { .. }), "{err}");
     }
     // The third crash was past max_restarts = 2: quarantined, refused with a clear reason.
-    let err = shards.call(probe("x"), json!("tick"), None).await.unwrap_err();
-    assert!(matches!(err, EntityError::Quarantined { crashes: 3, .. }), "{err}");
+    let err = shards
+        .call(probe("x"), json!("tick"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EntityError::Quarantined { crashes: 3, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("tried again"), "{err}");
     // Its neighbours never noticed.
     shards.call(probe("y"), json!("tick"), None).await.unwrap();
@@ -570,10 +637,20 @@ async fn temporary_entities_are_not_restarted_and_never_quarantined() {
     supervision.entity.policy = RestartPolicy::Temporary;
     let shards = probes(store, supervision);
     for _ in 0..5 {
-        let err = shards.call(probe("x"), json!("fail"), None).await.unwrap_err();
+        let err = shards
+            .call(probe("x"), json!("fail"), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, EntityError::Crashed { .. }), "{err}");
     }
-    assert_eq!(shards.call(probe("x"), json!("tick"), None).await.unwrap().seq, 1);
+    assert_eq!(
+        shards
+            .call(probe("x"), json!("tick"), None)
+            .await
+            .unwrap()
+            .seq,
+        1
+    );
 }
 
 #[tokio::test]
@@ -587,16 +664,33 @@ async fn quarantines_past_the_shard_intensity_restart_the_shard() {
     // Find two keys of one shard: with max_restarts = 0 each first crash quarantines.
     let shard = |id: &EntityId| hash::shard_of(id, 4);
     let first = probe("k0");
-    let second = (1..).map(|n| probe(&format!("k{n}"))).find(|id| shard(id) == shard(&first)).unwrap();
-    let bystander = (1..).map(|n| probe(&format!("b{n}"))).find(|id| shard(id) != shard(&first)).unwrap();
+    let second = (1..)
+        .map(|n| probe(&format!("k{n}")))
+        .find(|id| shard(id) == shard(&first))
+        .unwrap();
+    let bystander = (1..)
+        .map(|n| probe(&format!("b{n}")))
+        .find(|id| shard(id) != shard(&first))
+        .unwrap();
     for id in [&first, &second] {
-        let _ = shards.call(id.clone(), json!("fail"), None).await.unwrap_err();
+        let _ = shards
+            .call(id.clone(), json!("fail"), None)
+            .await
+            .unwrap_err();
     }
-    let err = shards.call(first.clone(), json!("tick"), None).await.unwrap_err();
+    let err = shards
+        .call(first.clone(), json!("tick"), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, EntityError::ShardRestarting { .. }), "{err}");
     shards.call(bystander, json!("tick"), None).await.unwrap();
     let tree = shards.tree(10);
-    let node = tree.walk().into_iter().find(|n| n.name == format!("shard-{}", shard(&first))).cloned().unwrap();
+    let node = tree
+        .walk()
+        .into_iter()
+        .find(|n| n.name == format!("shard-{}", shard(&first)))
+        .cloned()
+        .unwrap();
     assert_eq!((node.state.as_str(), node.restarts), ("backoff", 1));
 }
 
@@ -607,37 +701,76 @@ async fn monitors_deliver_down_for_crash_stop_and_delete() {
     let reasons = ["crashed", "stopped", "deleted"];
     for (n, reason) in reasons.iter().enumerate() {
         let target = probe(&format!("target-{n}"));
-        shards.call(target.clone(), json!("tick"), None).await.unwrap();
+        shards
+            .call(target.clone(), json!("tick"), None)
+            .await
+            .unwrap();
         let watch = json!({"monitor": ["probe", target.key]});
         shards.call(probe("watcher"), watch, None).await.unwrap();
         match *reason {
-            "crashed" => drop(shards.call(target.clone(), json!("fail"), None).await.unwrap_err()),
+            "crashed" => drop(
+                shards
+                    .call(target.clone(), json!("fail"), None)
+                    .await
+                    .unwrap_err(),
+            ),
             "stopped" => assert!(shards.stop(target.clone()).await.unwrap()),
             _ => assert!(shards.delete(target.clone(), None).await.unwrap()),
         }
     }
     let downs = || async {
         let (view, _) = shards.get(probe("watcher")).await.unwrap();
-        view.state.as_array().unwrap().iter().map(|d| (d["key"].as_str().unwrap().to_owned(), d["reason"].as_str().unwrap().to_owned())).collect::<Vec<_>>()
+        view.state
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["key"].as_str().unwrap().to_owned(),
+                    d["reason"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while downs().await.len() < 3 {
-        assert!(std::time::Instant::now() < deadline, "DOWNs never arrived: {:?}", downs().await);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "DOWNs never arrived: {:?}",
+            downs().await
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut got = downs().await;
     got.sort();
-    let expected: Vec<_> = reasons.iter().enumerate().map(|(n, r)| (format!("target-{n}"), r.to_string())).collect();
+    let expected: Vec<_> = reasons
+        .iter()
+        .enumerate()
+        .map(|(n, r)| (format!("target-{n}"), r.to_string()))
+        .collect();
     assert_eq!(got, expected);
     // Monitoring an entity that is not active answers at once, like OTP's noproc.
-    shards.call(probe("w2"), json!({"monitor": ["probe", "never"]}), None).await.unwrap();
+    shards
+        .call(probe("w2"), json!({"monitor": ["probe", "never"]}), None)
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (view, _) = shards.get(probe("w2")).await.unwrap();
-        if view.state.as_array().unwrap().iter().any(|d| d["reason"] == "not_active" && d["key"] == "never") {
+        if view
+            .state
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["reason"] == "not_active" && d["key"] == "never")
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no not_active DOWN: {}", view.state);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no not_active DOWN: {}",
+            view.state
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -23,11 +23,13 @@
 pub mod backoff;
 pub mod intensity;
 pub mod policy;
+pub mod root;
 pub mod static_supervisor;
 pub mod tree;
 
 pub use backoff::Backoff;
 pub use intensity::{Intensity, RestartWindow};
 pub use policy::{ExitReason, RestartPolicy, Strategy};
+pub use root::RootSupervisor;
 pub use static_supervisor::{ChildSpec, ChildState, Decision, SupervisorCore};
 pub use tree::{NodeKind, TreeNode};

@@ -13,7 +13,10 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use super::{ChildSpec, Decision, ExitReason, Intensity, NodeKind, RestartPolicy, Strategy, SupervisorCore, TreeNode};
+use super::{
+    ChildSpec, Decision, ExitReason, Intensity, NodeKind, RestartPolicy, Strategy, SupervisorCore,
+    TreeNode,
+};
 use crate::shutdown::Shutdown;
 
 /// The root of the supervision tree.
@@ -27,7 +30,10 @@ pub struct RootSupervisor {
 
 /// The names of the root's children, in start order.
 fn children(shard_count: u32) -> Vec<ChildSpec> {
-    let permanent = |name: String| ChildSpec { name, policy: RestartPolicy::Permanent };
+    let permanent = |name: String| ChildSpec {
+        name,
+        policy: RestartPolicy::Permanent,
+    };
     let mut children = vec![permanent("storage".into())];
     children.extend((0..shard_count).map(|n| permanent(format!("shard-{n}"))));
     children.push(permanent("grpc".into()));
@@ -37,7 +43,11 @@ fn children(shard_count: u32) -> Vec<ChildSpec> {
 impl RootSupervisor {
     pub fn new(shard_count: u32, intensity: Intensity, shutdown: Shutdown) -> Self {
         RootSupervisor {
-            core: Mutex::new(SupervisorCore::new(Strategy::OneForOne, intensity, children(shard_count))),
+            core: Mutex::new(SupervisorCore::new(
+                Strategy::OneForOne,
+                intensity,
+                children(shard_count),
+            )),
             restarts: Mutex::new(0),
             intensity,
             shutdown,
@@ -51,10 +61,16 @@ impl RootSupervisor {
         let decision = {
             let mut core = self.core.lock();
             let Some(index) = core.children().iter().position(|c| c.name == child) else {
-                self.give_up(format!("unknown child {child} of the root supervisor crashed: {reason}"));
+                self.give_up(format!(
+                    "unknown child {child} of the root supervisor crashed: {reason}"
+                ));
                 return false;
             };
-            core.on_child_exit(index, &ExitReason::Crashed(reason.to_owned()), Instant::now())
+            core.on_child_exit(
+                index,
+                &ExitReason::Crashed(reason.to_owned()),
+                Instant::now(),
+            )
         };
         match decision {
             Decision::Escalate { .. } => {
@@ -73,7 +89,9 @@ impl RootSupervisor {
 
     /// The journal failed; it cannot be restarted in-process, so the root gives up.
     pub fn storage_failed(&self, reason: &str) {
-        self.give_up(format!("storage failed and cannot be restarted in-process: {reason}"));
+        self.give_up(format!(
+            "storage failed and cannot be restarted in-process: {reason}"
+        ));
     }
 
     /// Why the root gave up, if it did.
@@ -88,7 +106,12 @@ impl RootSupervisor {
             name: "root".into(),
             kind: NodeKind::Supervisor,
             strategy: Some(Strategy::OneForOne),
-            state: if self.gave_up().is_some() { "stopping" } else { "running" }.into(),
+            state: if self.gave_up().is_some() {
+                "stopping"
+            } else {
+                "running"
+            }
+            .into(),
             restarts: *self.restarts.lock(),
             restarts_in_window: self.core.lock().restarts_in_window(now) as u32,
             mailbox_len: None,
@@ -112,19 +135,35 @@ mod tests {
     #[test]
     fn allows_restarts_within_its_intensity_then_gives_up() {
         let shutdown = Shutdown::new();
-        let root = RootSupervisor::new(2, Intensity { max_restarts: 2, max_seconds: 60 }, shutdown.clone());
+        let root = RootSupervisor::new(
+            2,
+            Intensity {
+                max_restarts: 2,
+                max_seconds: 60,
+            },
+            shutdown.clone(),
+        );
         assert!(root.child_restarted("shard-1", "boom"));
         assert!(root.child_restarted("shard-0", "boom"));
         assert!(!shutdown.is_triggered());
         assert!(!root.child_restarted("shard-1", "boom again"));
         assert!(shutdown.is_triggered());
-        assert!(root.gave_up().is_some_and(|r| r.contains("shard-1") && r.contains("boom again")));
+        assert!(root
+            .gave_up()
+            .is_some_and(|r| r.contains("shard-1") && r.contains("boom again")));
     }
 
     #[test]
     fn a_storage_failure_gives_up_at_once() {
         let shutdown = Shutdown::new();
-        let root = RootSupervisor::new(1, Intensity { max_restarts: 5, max_seconds: 60 }, shutdown.clone());
+        let root = RootSupervisor::new(
+            1,
+            Intensity {
+                max_restarts: 5,
+                max_seconds: 60,
+            },
+            shutdown.clone(),
+        );
         root.storage_failed("fdatasync: EIO");
         assert!(shutdown.is_triggered());
         assert!(root.gave_up().is_some_and(|r| r.contains("EIO")));
