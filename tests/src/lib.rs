@@ -4,6 +4,8 @@
 //!
 //! # Layout
 //!
+//! - [`behaviours`]: entity types for tests (crash on command, monitor others), served by the
+//!   `statehouse-test-server` binary (`src/bin/`), the example of embedding statehouse.
 //! - [`TestServer`]: one server process (and its successors after a restart) on one data dir.
 //! - [`bin_dir`], [`server_bin`], [`cli_bin`]: where the binaries under test are.
 //! - [`CliRun`]: the outcome of one run of the `statehouse` CLI against a [`TestServer`].
@@ -30,6 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+pub mod behaviours;
 
 use statehouse_client::Client;
 use tempfile::TempDir;
@@ -59,6 +63,8 @@ const LISTENING_MARKER: &str = "listening on";
 ///
 /// Dropping it kills the process (SIGKILL) and removes the data dir.
 pub struct TestServer {
+    /// The server binary: `statehouse-server`, or the embedding example with test behaviours.
+    binary: PathBuf,
     /// Flags after `--data-dir` and `--listen`, kept for restarts.
     extra_args: Vec<String>,
     data_dir: TempDir,
@@ -106,11 +112,22 @@ impl TestServer {
     /// Starts a server with extra flags, e.g. `&["--snapshot-every-events", "5"]`. They are
     /// passed again on every [`restart`](Self::restart).
     pub fn start_with(extra_args: &[&str]) -> TestServer {
+        TestServer::start_binary(server_bin(), extra_args)
+    }
+
+    /// Starts `statehouse-test-server` (the built-ins plus the test behaviours in
+    /// [`behaviours`], embedded through `statehouse_server::cli`) with these extra flags.
+    pub fn start_embedded(extra_args: &[&str]) -> TestServer {
+        TestServer::start_binary(test_server_bin(), extra_args)
+    }
+
+    fn start_binary(binary: PathBuf, extra_args: &[&str]) -> TestServer {
         let data_dir = tempfile::Builder::new()
             .prefix("statehouse-e2e-")
             .tempdir()
             .expect("create a temporary data dir");
         let mut server = TestServer {
+            binary,
             extra_args: extra_args.iter().map(|arg| arg.to_string()).collect(),
             data_dir,
             running: None,
@@ -185,6 +202,45 @@ impl TestServer {
         self.reap()
     }
 
+    /// Waits (at most `timeout`) for the server to exit by itself, e.g. after its root
+    /// supervisor gave up, and returns its exit status.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = self
+                .running
+                .as_mut()
+                .expect("wait_for_exit(): the server is not running");
+            if running
+                .child
+                .try_wait()
+                .expect("wait for the server")
+                .is_some()
+            {
+                return self.reap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server did not exit by itself within {timeout:?}\n{}",
+                self.failure_log()
+            );
+            // std offers no wait with a timeout; a short poll is the bounded alternative.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (at most `timeout`) until the log contains `needle`; returns whether it did.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     /// Whether a server process is running (started and not yet killed or terminated).
     pub fn is_running(&self) -> bool {
         self.running.is_some()
@@ -256,7 +312,7 @@ impl TestServer {
             let banner = format!("=== start {} ===\n", self.starts);
             state.append(&banner);
         }
-        let mut child = Command::new(server_bin())
+        let mut child = Command::new(&self.binary)
             .arg("--data-dir")
             .arg(self.data_dir.path())
             .args(["--listen", "127.0.0.1:0"])
@@ -275,7 +331,7 @@ impl TestServer {
             .unwrap_or_else(|err| {
                 panic!(
                     "start {}: {err}; build it with `cargo build --workspace --bins`",
-                    server_bin().display()
+                    self.binary.display()
                 )
             });
         let stdout = child.stdout.take().expect("piped stdout");
@@ -499,6 +555,11 @@ pub fn bin_dir() -> PathBuf {
 /// The `statehouse-server` binary under test.
 pub fn server_bin() -> PathBuf {
     existing_bin("statehouse-server")
+}
+
+/// `statehouse-test-server`: the embedding example with the test behaviours.
+pub fn test_server_bin() -> PathBuf {
+    existing_bin("statehouse-test-server")
 }
 
 /// The `statehouse` CLI binary under test.

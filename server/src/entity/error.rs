@@ -21,7 +21,7 @@ pub enum EntityError {
     #[error("{entity} crashed handling the message: {reason}")]
     Crashed { entity: EntityId, reason: String },
     #[error(
-        "entity {entity} is quarantined: it crashed {crashes} times within {window_seconds} s \
+        "entity {entity} is crash-looping and quarantined: it crashed {crashes} times within {window_seconds} s \
          (last: {last_crash}); it will be tried again in {retry_after_ms} ms, or clear it with \
          the admin API (statehouse reset)"
     )]
