@@ -31,6 +31,7 @@ pub struct TreeNode {
 
 /// What a [`TreeNode`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NodeKind {
     /// Restarts its children by a [`Strategy`]; has children.
     Supervisor,
