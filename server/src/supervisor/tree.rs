@@ -115,13 +115,13 @@ mod tests {
     }
 
     #[test]
-    fn tree_serializes_with_strategies_in_snake_case() {
+    fn tree_serializes_kinds_and_strategies_in_snake_case() {
         let json = serde_json::to_value(sample()).unwrap();
         assert_eq!(json["strategy"], "one_for_one");
-        assert_eq!(json["kind"], "Supervisor");
+        assert_eq!(json["kind"], "supervisor");
         let entity = &json["children"][1]["children"][0];
         assert_eq!(entity["name"], "counter/visits");
-        assert_eq!(entity["kind"], "Entity");
+        assert_eq!(entity["kind"], "entity");
         assert_eq!(entity["mailbox_len"], 0);
         assert_eq!(entity["restarts"], 2);
         assert_eq!(entity["last_crash"], "panicked: boom");
