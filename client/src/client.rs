@@ -23,6 +23,7 @@ use tonic::{Code, Request};
 
 use crate::admin::TreeNode;
 use crate::error::{error_chain, ClientError};
+use crate::pipeline::{PipelineReceiver, PipelineSender, PIPELINE_SEND_BUFFER};
 use crate::{Counter, Kv, Register};
 
 /// The longest [`Client::connect`] waits for the TCP (and HTTP/2) connection.
@@ -270,6 +271,21 @@ impl Client {
     }
 
     /// Wraps a message in a request carrying this client's deadline.
+    /// Opens a `Pipeline` stream: many calls in flight on one stream (see [`crate::pipeline`]).
+    pub async fn pipeline(&self) -> Result<(PipelineSender, PipelineReceiver), ClientError> {
+        let (requests, outbound) = tokio::sync::mpsc::channel(PIPELINE_SEND_BUFFER);
+        let mut inner = self.inner.clone();
+        // The stream's deadline would bound every call on it, so pipelines carry none.
+        let responses = inner
+            .pipeline(tokio_stream::wrappers::ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        Ok((
+            PipelineSender::new(requests),
+            PipelineReceiver::new(responses),
+        ))
+    }
+
     /// The server's supervision tree, with at most `entities_per_shard` entities under each
     /// shard (0: the server's default).
     pub async fn supervision_tree(&self, entities_per_shard: u32) -> Result<TreeNode, ClientError> {
@@ -396,7 +412,7 @@ fn endpoint_for(url: &str) -> Result<Endpoint, ClientError> {
 }
 
 /// Turns an optional wire value into JSON; a missing value is `null`.
-fn decode_value(
+pub(crate) fn decode_value(
     value: Option<prost_types::Value>,
     request: impl FnOnce() -> String,
 ) -> Result<Value, ClientError> {

@@ -22,6 +22,7 @@
 //!
 //! - [`client`]: [`Client`], the connection and the six `EntityService` calls on JSON values.
 //! - [`admin`]: the supervision tree as [`admin::TreeNode`], and its rendering for people.
+//! - [`pipeline`]: many calls in flight on one `Pipeline` stream.
 //! - [`error`]: [`ClientError`], which keeps the gRPC code and message of every failure.
 //! - [`counter`], [`register`], [`kv`]: typed handles on the built-in behaviours, and the
 //!   parsers of their replies.
@@ -34,6 +35,7 @@ pub mod client;
 pub mod counter;
 pub mod error;
 pub mod kv;
+pub mod pipeline;
 pub mod register;
 mod reply;
 

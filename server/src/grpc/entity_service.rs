@@ -6,10 +6,19 @@ use std::sync::Arc;
 use statehouse_proto::v1::entity_service_server::EntityService;
 use statehouse_proto::v1::{
     CallRequest, CallResponse, CastRequest, CastResponse, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, ListRequest, ListResponse, StopRequest, StopResponse,
+    GetRequest, GetResponse, ListRequest, ListResponse, PipelineRequest, PipelineResponse,
+    StopRequest, StopResponse,
 };
 use statehouse_proto::value::{json_to_proto, proto_to_json};
-use tonic::{Request, Response, Status};
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use tokio::time::Instant;
 
 use crate::address::EntityId;
 use crate::behaviour::Value;
@@ -33,6 +42,45 @@ fn address(entity_type: String, key: String) -> EntityId {
     EntityId { entity_type, key }
 }
 
+/// Calls in flight on one `Pipeline` stream, at most: past it the server stops reading the
+/// stream until some complete (back-pressure through HTTP/2 flow control).
+pub const PIPELINE_IN_FLIGHT_MAX: usize = 4096;
+
+/// The response stream of `Pipeline`.
+pub type PipelineStream = Pin<Box<dyn Stream<Item = Result<PipelineResponse, Status>> + Send>>;
+
+/// One `Pipeline` call, answered as `Call` would answer it.
+async fn pipeline_call(
+    shards: &Shards,
+    request: PipelineRequest,
+    deadline: Option<Instant>,
+) -> PipelineResponse {
+    let id = request.id;
+    let outcome = match message(request.message) {
+        Ok(message) => shards
+            .call(address(request.r#type, request.key), message, deadline)
+            .await
+            .map_err(Status::from),
+        Err(status) => Err(status),
+    };
+    match outcome {
+        Ok(outcome) => PipelineResponse {
+            id,
+            reply: Some(json_to_proto(outcome.reply)),
+            seq: outcome.seq,
+            code: 0,
+            error: String::new(),
+        },
+        Err(status) => PipelineResponse {
+            id,
+            reply: None,
+            seq: 0,
+            code: status.code() as i32,
+            error: status.message().to_owned(),
+        },
+    }
+}
+
 /// The message of a `Call` or `Cast`: required, and convertible to JSON.
 fn message(value: Option<prost_types::Value>) -> Result<Value, Status> {
     let value = value
@@ -42,6 +90,55 @@ fn message(value: Option<prost_types::Value>) -> Result<Value, Status> {
 
 #[tonic::async_trait]
 impl EntityService for EntityApi {
+    type PipelineStream = PipelineStream;
+
+    async fn pipeline(
+        &self,
+        request: Request<Streaming<PipelineRequest>>,
+    ) -> Result<Response<PipelineStream>, Status> {
+        // The stream's deadline bounds every call on it.
+        let deadline = deadline::from_metadata(request.metadata());
+        let mut inbound = request.into_inner();
+        let (responses, outbound) = mpsc::channel(PIPELINE_IN_FLIGHT_MAX);
+        let shards = self.shards.clone();
+        tokio::spawn(async move {
+            let mut in_flight = JoinSet::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    next = inbound.message(), if reading && in_flight.len() < PIPELINE_IN_FLIGHT_MAX => match next {
+                        Ok(Some(request)) => {
+                            let shards = shards.clone();
+                            in_flight.spawn(async move { pipeline_call(&shards, request, deadline).await });
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            // The client's side of the stream broke; nobody reads the answers.
+                            tracing::debug!(%status, "pipeline stream ended with an error");
+                            break;
+                        }
+                    },
+                    Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                        let response = match done {
+                            Ok(response) => response,
+                            // A call task cannot panic (entity panics are caught in the
+                            // entity), but if one did, the stream says so and ends.
+                            Err(error) => {
+                                let _ = responses.send(Err(Status::internal(format!("pipeline call failed: {error}")))).await;
+                                break;
+                            }
+                        };
+                        if responses.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    },
+                    else => break,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+    }
+
     async fn call(&self, request: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
         let deadline = deadline::from_metadata(request.metadata());
         let request = request.into_inner();
