@@ -22,6 +22,7 @@ use crate::supervisor::RestartPolicy;
 #[derive(Default)]
 struct MemoryStore {
     entities: Mutex<BTreeMap<EntityId, LoadedEntity>>,
+    catalog: Mutex<BTreeMap<String, Vec<u8>>>,
     commits: AtomicUsize,
     snapshots: AtomicUsize,
     /// When set, every commit waits for a permit first.
@@ -106,6 +107,20 @@ impl Store for MemoryStore {
             .filter(|id| after.is_none_or(|after| id.key.as_str() > after))
             .map(|id| id.key.clone())
             .take(limit)
+            .collect())
+    }
+
+    async fn put_catalog(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.catalog.lock().insert(key.to_owned(), value);
+        Ok(())
+    }
+
+    async fn catalog(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let catalog = self.catalog.lock();
+        Ok(catalog
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
 

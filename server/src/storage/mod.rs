@@ -220,6 +220,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
 
+    /// Durably stores a server-wide record (e.g. a deployed behaviour) under `key`, replacing
+    /// any earlier one. Returns once the record survives a power cut. Rare and small: not for
+    /// the hot path.
+    async fn put_catalog(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Every catalog record whose key starts with `prefix`, in key order.
+    async fn catalog(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
     /// Runs a checkpoint now: flush sled, `fdatasync` its files, record the journal position
     /// covered, delete journal segments behind it.
     async fn checkpoint(&self) -> Result<(), StoreError>;

@@ -335,6 +335,40 @@ impl Store for SledStore {
         .await
     }
 
+    async fn put_catalog(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.check_open()?;
+        let shared = Arc::clone(&self.shared);
+        let key = key.to_owned();
+        blocking(move || {
+            shared
+                .state
+                .catalog
+                .insert(key.as_bytes(), value)
+                .map(drop)
+                .map_err(|e| sled_error(format!("writing catalog record {key}"), e))
+        })
+        .await?;
+        // A checkpoint flushes sled and fsyncs its files: the record is durable when it returns.
+        self.checkpoint().await
+    }
+
+    async fn catalog(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.check_open()?;
+        let shared = Arc::clone(&self.shared);
+        let prefix = prefix.to_owned();
+        blocking(move || {
+            let mut records = Vec::new();
+            for entry in shared.state.catalog.scan_prefix(prefix.as_bytes()) {
+                let (key, value) = entry.map_err(|e| sled_error("reading the catalog", e))?;
+                let key = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::Metadata("a catalog key is not UTF-8".into()))?;
+                records.push((key, value.to_vec()));
+            }
+            Ok(records)
+        })
+        .await
+    }
+
     async fn checkpoint(&self) -> Result<(), StoreError> {
         self.check_open()?;
         let (reply, answer) = oneshot::channel();

@@ -39,8 +39,13 @@ pub(crate) struct Shard {
 pub(crate) struct State {
     pub db: sled::Db,
     pub meta: sled::Tree,
+    /// Server-wide records kept by layers above (deployed behaviours): opaque keys and values.
+    pub catalog: sled::Tree,
     pub shards: Vec<Shard>,
 }
+
+/// The tree of catalog records.
+pub const CATALOG_TREE: &str = "catalog";
 
 /// The name of shard `n`'s tree.
 pub fn shard_tree_name(shard: u32) -> String {
@@ -105,7 +110,15 @@ impl State {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(State { db, meta, shards })
+        let catalog = db
+            .open_tree(CATALOG_TREE)
+            .map_err(|e| sled_error("opening the catalog tree", e))?;
+        Ok(State {
+            db,
+            meta,
+            catalog,
+            shards,
+        })
     }
 
     pub(crate) fn shard_count(&self) -> u32 {
