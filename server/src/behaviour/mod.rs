@@ -19,7 +19,7 @@ use std::any::Any;
 
 use crate::address::EntityId;
 
-pub use registry::{BehaviourRegistry, RegistryError};
+pub use registry::{BehaviourRegistry, DeployedType, DeployedVersion, RegistryError};
 pub use typed::{Typed, TypedBehaviour, TypedTurn};
 
 /// The JSON-like value messages, replies, events and states are made of.
@@ -117,6 +117,23 @@ pub trait Behaviour: Send + Sync + 'static {
 
     /// The state from a snapshot's value.
     fn state_from_value(&self, value: Value) -> Result<ErasedState, BehaviourError>;
+
+    /// Handles a cast: a message nobody waits a reply for. The default is `handle`, with the
+    /// reply discarded by the engine.
+    fn handle_cast(
+        &self,
+        key: &str,
+        state: &ErasedState,
+        message: Value,
+    ) -> Result<Turn, BehaviourError> {
+        self.handle(key, state, message)
+    }
+
+    /// Converts a state written by version `from_version` of this type (given as its value)
+    /// into this version's state: OTP's `code_change`. The default reads it unchanged.
+    fn migrate(&self, _from_version: u32, state: Value) -> Result<ErasedState, BehaviourError> {
+        self.state_from_value(state)
+    }
 
     /// Handles an info message (OTP's `handle_info`): a monitor's `DOWN`, and later timers.
     /// The default ignores it.

@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
-use crate::behaviour::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Value};
+use crate::behaviour::{
+    Behaviour, BehaviourError, BehaviourRegistry, Effect, ErasedState, Turn, Value,
+};
 use crate::storage::{EntityBatch, Op, Store};
 
 use super::recovery::{self, Recovered};
@@ -29,6 +31,9 @@ pub struct SpawnArgs {
     /// Distinguishes this activation from earlier and later ones of the same entity.
     pub generation: u64,
     pub behaviour: Arc<dyn Behaviour>,
+    /// Every version of every type: to replay records with the version that wrote them and
+    /// to notice a new active version at a turn boundary.
+    pub registry: Arc<BehaviourRegistry>,
     pub store: Arc<dyn Store>,
     pub host: Arc<dyn EntityHost>,
     pub config: Arc<EntityConfig>,
@@ -54,13 +59,15 @@ pub struct EntityHandle {
 /// has loaded the entity; it only ever holds state whose events are durable.
 struct Shared {
     id: EntityId,
-    behaviour: Arc<dyn Behaviour>,
     committed: RwLock<Option<Committed>>,
 }
 
+/// The state, its sequence number, and the behaviour version that owns its representation
+/// (it changes on a hot upgrade).
 struct Committed {
     state: ErasedState,
     seq: u64,
+    behaviour: Arc<dyn Behaviour>,
 }
 
 impl EntityHandle {
@@ -95,7 +102,7 @@ impl EntityHandle {
         let guard = self.shared.committed.read();
         let committed = guard.as_ref()?;
         Some(
-            self.shared
+            committed
                 .behaviour
                 .state_to_value(&committed.state)
                 .map(|state| StateView {
@@ -117,7 +124,6 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
     let (mailbox, inbox) = mpsc::channel(args.config.mailbox_capacity.max(1));
     let shared = Arc::new(Shared {
         id: args.id.clone(),
-        behaviour: args.behaviour.clone(),
         committed: RwLock::new(None),
     });
     let process = Process {
@@ -125,6 +131,8 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         shard: args.shard,
         generation,
         behaviour: args.behaviour,
+        seen_registry_generation: Some(args.registry.generation()),
+        registry: args.registry,
         store: args.store,
         host: args.host,
         config: args.config,
@@ -146,6 +154,7 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
 /// What a turn handles: a message from a client, or an info message from the engine.
 enum Inbound {
     Message(Value),
+    Cast(Value),
     Info(Value),
 }
 
@@ -162,7 +171,12 @@ struct Process {
     id: EntityId,
     shard: u32,
     generation: u64,
+    /// The version this activation runs; replaced by a hot upgrade.
     behaviour: Arc<dyn Behaviour>,
+    registry: Arc<BehaviourRegistry>,
+    /// The registry generation this activation last checked for a new version; `None` forces
+    /// a check at the next turn (after a failed upgrade).
+    seen_registry_generation: Option<u64>,
     store: Arc<dyn Store>,
     host: Arc<dyn EntityHost>,
     config: Arc<EntityConfig>,
@@ -207,14 +221,94 @@ impl Process {
             .load(self.shard, &self.id)
             .await
             .map_err(|e| EntityError::from_store(&self.id, e))?;
+        // The active version now: a deploy may have happened since this entity was routed.
+        self.seen_registry_generation = Some(self.registry.generation());
+        let latest = self
+            .registry
+            .get(&self.id.entity_type)
+            .unwrap_or_else(|| self.behaviour.clone());
+        let registry = self.registry.clone();
+        let entity_type = self.id.entity_type.clone();
+        let versions = move |version: u32| registry.version(&entity_type, version);
         let Recovered {
             state,
             seq,
             events_since_snapshot,
-        } = recovery::recover(&*self.behaviour, &self.id, loaded)?;
+            behaviour,
+            migrated_from,
+            upgrade_error,
+        } = recovery::recover(&latest, &versions, &self.id, loaded)?;
         self.seq = seq;
         self.events_since_snapshot = events_since_snapshot;
-        *self.shared.committed.write() = Some(Committed { state, seq });
+        self.behaviour = behaviour.clone();
+        *self.shared.committed.write() = Some(Committed {
+            state,
+            seq,
+            behaviour,
+        });
+        if let Some(error) = upgrade_error {
+            // Serve reads of the old state; every turn retries the upgrade (and crashes).
+            tracing::warn!(entity = %self.id, %error, "upgrade at activation failed");
+            self.seen_registry_generation = None;
+        } else if let (Some(from), true) = (migrated_from, seq > 0) {
+            tracing::info!(entity = %self.id, from, to = self.behaviour.version(), "migrated at activation");
+            self.write_snapshot().await?;
+        }
+        Ok(())
+    }
+
+    /// At a turn boundary: if a new version of this type is active, snapshot, migrate the
+    /// state with the new version's `migrate`, snapshot again under the new version, and run
+    /// on it from now on. On failure nothing changes: the old state stays, and the error is
+    /// this turn's crash.
+    async fn upgrade_if_deployed(&mut self) -> Result<(), String> {
+        let generation = self.registry.generation();
+        if self.seen_registry_generation == Some(generation) {
+            return Ok(());
+        }
+        let Some(latest) = self.registry.get(&self.id.entity_type) else {
+            self.seen_registry_generation = Some(generation);
+            return Ok(());
+        };
+        if latest.version() == self.behaviour.version() {
+            self.seen_registry_generation = Some(generation);
+            return Ok(());
+        }
+        let from = self.behaviour.version();
+        let migrated = {
+            let guard = self.shared.committed.read();
+            let Some(committed) = guard.as_ref() else {
+                return Err("the entity has no state loaded".into());
+            };
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                recovery::migrate(&committed.behaviour, &latest, &committed.state)
+            }));
+            match outcome {
+                Ok(Ok(state)) => state,
+                Ok(Err(error)) => return Err(error.to_string()),
+                Err(panic) => return Err(format!("migrate panicked: {}", panic_message(&*panic))),
+            }
+        };
+        if self.seq > 0 {
+            let value = latest
+                .state_to_value(&migrated)
+                .map_err(|e| e.to_string())?;
+            let payload = codec::encode(&self.id, &value).map_err(|e| e.to_string())?;
+            let op = Op::Snapshot {
+                seq: self.seq,
+                behaviour_version: latest.version(),
+                payload,
+            };
+            self.commit(vec![op]).await.map_err(|e| e.to_string())?;
+        }
+        if let Some(committed) = self.shared.committed.write().as_mut() {
+            committed.state = migrated;
+            committed.behaviour = latest.clone();
+        }
+        tracing::info!(entity = %self.id, from, to = latest.version(), "hot upgrade");
+        self.behaviour = latest;
+        self.events_since_snapshot = 0;
+        self.seen_registry_generation = Some(generation);
         Ok(())
     }
 
@@ -222,6 +316,17 @@ impl Process {
         if envelope.expired() {
             envelope.fail(EntityError::DeadlineExceeded(self.id.clone()));
             return Next::Continue;
+        }
+        let turn = matches!(
+            envelope.request,
+            Request::Call { .. } | Request::Cast { .. } | Request::Info { .. }
+        );
+        if turn {
+            if let Err(reason) = self.upgrade_if_deployed().await {
+                let reason = format!("upgrade to the active version failed: {reason}");
+                envelope.fail(self.crashed(reason.clone()));
+                return self.on_crash(reason).await;
+            }
         }
         let (result, next) = match envelope.request {
             Request::Call { message, reply } => {
@@ -231,7 +336,7 @@ impl Process {
                 (outcome, next)
             }
             Request::Cast { message } => {
-                let (result, next) = self.turn(Inbound::Message(message)).await;
+                let (result, next) = self.turn(Inbound::Cast(message)).await;
                 if let Err(error) = &result {
                     tracing::debug!(entity = %self.id, %error, "cast failed");
                 }
@@ -330,6 +435,7 @@ impl Process {
         let key = &self.id.key;
         let outcome = catch_unwind(AssertUnwindSafe(|| match inbound {
             Inbound::Message(message) => self.behaviour.handle(key, &committed.state, message),
+            Inbound::Cast(message) => self.behaviour.handle_cast(key, &committed.state, message),
             Inbound::Info(info) => self.behaviour.handle_info(key, &committed.state, info),
         }));
         match outcome {
@@ -399,31 +505,32 @@ impl Process {
         if every == 0 || self.events_since_snapshot < every {
             return;
         }
+        if let Err(error) = self.write_snapshot().await {
+            tracing::warn!(entity = %self.id, %error, "snapshot failed");
+        }
+    }
+
+    /// Commits a snapshot of the current state under the current version.
+    async fn write_snapshot(&mut self) -> Result<(), EntityError> {
         let payload = {
             let guard = self.shared.committed.read();
             let Some(committed) = guard.as_ref() else {
-                return;
+                return Err(self.crashed("the entity has no state loaded".into()));
             };
-            self.behaviour
+            committed
+                .behaviour
                 .state_to_value(&committed.state)
                 .map_err(|e| self.crashed(e.to_string()))
-                .and_then(|value| codec::encode(&self.id, &value))
+                .and_then(|value| codec::encode(&self.id, &value))?
         };
-        let op = match payload {
-            Ok(payload) => Op::Snapshot {
-                seq: self.seq,
-                behaviour_version: self.behaviour.version(),
-                payload,
-            },
-            Err(error) => {
-                tracing::warn!(entity = %self.id, %error, "snapshot skipped");
-                return;
-            }
+        let op = Op::Snapshot {
+            seq: self.seq,
+            behaviour_version: self.behaviour.version(),
+            payload,
         };
-        match self.commit(vec![op]).await {
-            Ok(()) => self.events_since_snapshot = 0,
-            Err(error) => tracing::warn!(entity = %self.id, %error, "snapshot failed"),
-        }
+        self.commit(vec![op]).await?;
+        self.events_since_snapshot = 0;
+        Ok(())
     }
 
     /// Removes the entity's durable data. Returns whether it had any.

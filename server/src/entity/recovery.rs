@@ -2,7 +2,9 @@
 //! it, folded with the behaviour's own `apply` (the same function live turns use).
 
 use crate::address::EntityId;
-use crate::behaviour::{Behaviour, ErasedState};
+use std::sync::Arc;
+
+use crate::behaviour::{Behaviour, BehaviourError, ErasedState};
 use crate::storage::LoadedEntity;
 
 use super::{codec, EntityError};
@@ -14,11 +16,26 @@ pub struct Recovered {
     pub seq: u64,
     /// Events committed after the last snapshot.
     pub events_since_snapshot: u64,
+    /// The behaviour whose representation `state` is in: `latest`, unless the last migration
+    /// failed (then the newest version the records could be brought to).
+    pub behaviour: Arc<dyn Behaviour>,
+    /// The records were written by an older version and the state was migrated to `latest`:
+    /// it should be snapshotted under the new version.
+    pub migrated_from: Option<u32>,
+    /// Migrating to `latest` failed: the state stays in `behaviour`'s representation, readable,
+    /// and every turn is a crash until an upgrade succeeds.
+    pub upgrade_error: Option<String>,
 }
 
-/// Folds a loaded snapshot and its following events into the entity's state.
+/// Looks up the behaviour of one version of the entity's type.
+pub type VersionLookup<'a> = &'a dyn Fn(u32) -> Option<Arc<dyn Behaviour>>;
+
+/// Folds a loaded snapshot and its following events into the entity's state. Each record is
+/// read by the behaviour version that wrote it; where the version changes (and at the end, to
+/// reach `latest`), the state goes through the newer version's `migrate`.
 pub fn recover(
-    behaviour: &dyn Behaviour,
+    latest: &Arc<dyn Behaviour>,
+    versions: VersionLookup<'_>,
     id: &EntityId,
     loaded: LoadedEntity,
 ) -> Result<Recovered, EntityError> {
@@ -26,16 +43,28 @@ pub fn recover(
         entity: id.clone(),
         detail,
     };
-    let (mut state, mut seq) = match loaded.snapshot {
+    let behaviour_of = |version: u32, what: &str| {
+        if version == latest.version() {
+            return Ok(latest.clone());
+        }
+        versions(version).ok_or_else(|| {
+            failed(format!(
+                "{what} was written by version {version} of {}, which is not stored",
+                id.entity_type
+            ))
+        })
+    };
+    let (mut current, mut state, mut seq) = match loaded.snapshot {
         Some(snapshot) => {
             let what = format!("snapshot at seq {}", snapshot.seq);
+            let behaviour = behaviour_of(snapshot.behaviour_version, &what)?;
             let value = codec::decode(id, &what, &snapshot.payload)?;
             let state = behaviour
                 .state_from_value(value)
                 .map_err(|e| failed(format!("{what}: {e}")))?;
-            (state, snapshot.seq)
+            (behaviour, state, snapshot.seq)
         }
-        None => (behaviour.initial_state(&id.key), 0),
+        None => (latest.clone(), latest.initial_state(&id.key), 0),
     };
     let mut events_since_snapshot = 0;
     for event in loaded.events {
@@ -49,17 +78,55 @@ pub fn recover(
             });
         }
         let what = format!("event {}", event.seq);
+        if event.behaviour_version != current.version() {
+            let next = behaviour_of(event.behaviour_version, &what)?;
+            state = migrate(&current, &next, &state)
+                .map_err(|e| failed(format!("before {what}: {e}")))?;
+            current = next;
+        }
         let value = codec::decode(id, &what, &event.payload)?;
-        behaviour
+        current
             .apply(&mut state, &value)
             .map_err(|e| failed(format!("{what}: {e}")))?;
         seq = event.seq;
         events_since_snapshot += 1;
     }
+    let (mut migrated_from, mut upgrade_error) = (None, None);
+    if current.version() != latest.version() {
+        match migrate(&current, latest, &state) {
+            Ok(migrated) => {
+                state = migrated;
+                migrated_from = Some(current.version());
+                current = latest.clone();
+            }
+            Err(error) => upgrade_error = Some(error.to_string()),
+        }
+    }
     Ok(Recovered {
         state,
         seq,
         events_since_snapshot,
+        behaviour: current,
+        migrated_from,
+        upgrade_error,
+    })
+}
+
+/// Moves a state from `from`'s representation to `to`'s through `to.migrate`.
+pub fn migrate(
+    from: &Arc<dyn Behaviour>,
+    to: &Arc<dyn Behaviour>,
+    state: &ErasedState,
+) -> Result<ErasedState, BehaviourError> {
+    let value = from.state_to_value(state)?;
+    to.migrate(from.version(), value).map_err(|e| match e {
+        BehaviourError::InvalidMessage(m)
+        | BehaviourError::Failed(m)
+        | BehaviourError::Decode(m) => BehaviourError::Failed(format!(
+            "migrate from version {} to {} failed: {m}",
+            from.version(),
+            to.version()
+        )),
     })
 }
 
@@ -92,11 +159,12 @@ mod tests {
             ],
         };
         let counter = Typed(Counter);
-        let recovered = recover(&counter, &id, loaded).unwrap();
+        let latest: Arc<dyn Behaviour> = Arc::new(counter);
+        let recovered = recover(&latest, &|_| None, &id, loaded).unwrap();
         assert_eq!(recovered.seq, 6);
         assert_eq!(recovered.events_since_snapshot, 2);
         assert_eq!(
-            counter.state_to_value(&recovered.state).unwrap(),
+            latest.state_to_value(&recovered.state).unwrap(),
             json!({"value": 15})
         );
     }
@@ -111,7 +179,8 @@ mod tests {
                 record(3, json!({"event": "reset"})),
             ],
         };
-        let err = recover(&Typed(Counter), &id, loaded).err().unwrap();
+        let latest: Arc<dyn Behaviour> = Arc::new(Typed(Counter));
+        let err = recover(&latest, &|_| None, &id, loaded).err().unwrap();
         assert!(matches!(err, EntityError::Corrupt { .. }), "{err}");
     }
 
@@ -122,7 +191,8 @@ mod tests {
             snapshot: None,
             events: vec![record(1, json!({"event": "set", "value": 1}))],
         };
-        let err = recover(&Typed(Counter), &id, loaded).err().unwrap();
+        let latest: Arc<dyn Behaviour> = Arc::new(Typed(Counter));
+        let err = recover(&latest, &|_| None, &id, loaded).err().unwrap();
         assert!(matches!(err, EntityError::RecoveryFailed { .. }), "{err}");
     }
 }

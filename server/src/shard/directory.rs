@@ -65,7 +65,7 @@ impl ShardContext {
     fn deliver_info(self: &Arc<Self>, target: EntityId, message: Value) {
         let context = self.clone();
         tokio::spawn(async move {
-            let Some(behaviour) = context.registry.get(&target.entity_type).cloned() else {
+            let Some(behaviour) = context.registry.get(&target.entity_type) else {
                 tracing::debug!(entity = %target, "info message for an unknown type dropped");
                 return;
             };
@@ -353,6 +353,7 @@ impl Shard {
             shard: self.index,
             generation: self.context.generations.fetch_add(1, Ordering::Relaxed),
             behaviour: behaviour.clone(),
+            registry: self.context.registry.clone(),
             store: self.context.store.clone(),
             host,
             config: self.context.config.clone(),

@@ -143,13 +143,15 @@ impl Shards {
         if !loaded.exists() {
             return Err(EntityError::NotFound(id));
         }
-        let recovered = recovery::recover(&**behaviour, &id, loaded)?;
-        let state = behaviour.state_to_value(&recovered.state).map_err(|e| {
-            EntityError::RecoveryFailed {
+        let versions = |version: u32| self.registry.version(&id.entity_type, version);
+        let recovered = recovery::recover(&behaviour, &versions, &id, loaded)?;
+        let state = recovered
+            .behaviour
+            .state_to_value(&recovered.state)
+            .map_err(|e| EntityError::RecoveryFailed {
                 entity: id.clone(),
                 detail: e.to_string(),
-            }
-        })?;
+            })?;
         Ok((
             StateView {
                 state,
@@ -303,12 +305,12 @@ impl Shards {
     fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
         let (shard, behaviour) = self.locate(id)?;
         shard
-            .route(id, behaviour, envelope)
+            .route(id, &behaviour, envelope)
             .map_err(|undelivered| undelivered.error)
     }
 
     /// Validates the address and finds the entity's shard and behaviour.
-    fn locate(&self, id: &EntityId) -> Result<(&Arc<Shard>, &Arc<dyn Behaviour>), EntityError> {
+    fn locate(&self, id: &EntityId) -> Result<(&Arc<Shard>, Arc<dyn Behaviour>), EntityError> {
         id.validate()?;
         let behaviour = self.behaviour(&id.entity_type)?;
         Ok((&self.shards[self.shard_index(id) as usize], behaviour))
@@ -318,12 +320,12 @@ impl Shards {
         hash::shard_of(id, self.shards.len() as u32)
     }
 
-    fn behaviour(&self, entity_type: &str) -> Result<&Arc<dyn Behaviour>, EntityError> {
+    fn behaviour(&self, entity_type: &str) -> Result<Arc<dyn Behaviour>, EntityError> {
         self.registry
             .get(entity_type)
             .ok_or_else(|| EntityError::UnknownType {
                 name: entity_type.to_owned(),
-                known: self.registry.type_names().collect::<Vec<_>>().join(", "),
+                known: self.registry.type_names().join(", "),
             })
     }
 }

@@ -789,3 +789,152 @@ async fn monitors_deliver_down_for_crash_stop_and_delete() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A deployable test type whose state representation changes between versions:
+/// version 1 keeps `{"n": N}`, later versions `{"count": N}`; `migrate` converts, or fails
+/// when asked to.
+struct Shapeshifter {
+    version: u32,
+    migrate_fails: bool,
+}
+
+impl Shapeshifter {
+    fn field(&self) -> &'static str {
+        if self.version == 1 {
+            "n"
+        } else {
+            "count"
+        }
+    }
+}
+
+impl Behaviour for Shapeshifter {
+    fn type_name(&self) -> &str {
+        "shape"
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn initial_state(&self, _key: &str) -> ErasedState {
+        Box::new(json!({ self.field(): 0 }))
+    }
+    fn handle(
+        &self,
+        _key: &str,
+        state: &ErasedState,
+        _message: Value,
+    ) -> Result<Turn, BehaviourError> {
+        let state = state.downcast_ref::<Value>().unwrap();
+        let next = state[self.field()].as_i64().unwrap() + 1;
+        Ok(Turn {
+            reply: json!({"version": self.version, "value": next}),
+            events: vec![json!(1)],
+            effects: vec![],
+        })
+    }
+    fn apply(&self, state: &mut ErasedState, _event: &Value) -> Result<(), BehaviourError> {
+        let field = self.field();
+        let state = state.downcast_mut::<Value>().unwrap();
+        state[field] = json!(state[field].as_i64().unwrap() + 1);
+        Ok(())
+    }
+    fn state_to_value(&self, state: &ErasedState) -> Result<Value, BehaviourError> {
+        Ok(state.downcast_ref::<Value>().unwrap().clone())
+    }
+    fn state_from_value(&self, value: Value) -> Result<ErasedState, BehaviourError> {
+        Ok(Box::new(value))
+    }
+    fn migrate(&self, from_version: u32, state: Value) -> Result<ErasedState, BehaviourError> {
+        if self.migrate_fails {
+            return Err(BehaviourError::Failed("migrate refuses".into()));
+        }
+        let old = if from_version == 1 { "n" } else { "count" };
+        Ok(Box::new(json!({ self.field(): state[old] })))
+    }
+}
+
+fn shape(version: u32, migrate_fails: bool) -> Arc<dyn Behaviour> {
+    Arc::new(Shapeshifter {
+        version,
+        migrate_fails,
+    })
+}
+
+#[tokio::test]
+async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation() {
+    let store = Arc::new(MemoryStore::default());
+    let registry = BehaviourRegistry::with_builtins();
+    registry.install(shape(1, false), 1, true).unwrap();
+    let registry = Arc::new(registry);
+    let root = Arc::new(RootSupervisor::new(
+        4,
+        SupervisionConfig::default().root,
+        Shutdown::new(),
+    ));
+    let shards = Shards::new(
+        registry.clone(),
+        store.clone(),
+        config(),
+        SupervisionConfig::default(),
+        root,
+    );
+    let live = EntityId::new("shape", "live").unwrap();
+    let passive = EntityId::new("shape", "passive").unwrap();
+    for id in [&live, &passive] {
+        for _ in 0..2 {
+            let reply = shards
+                .call(id.clone(), json!({}), None)
+                .await
+                .unwrap()
+                .reply;
+            assert_eq!(reply["version"], 1);
+        }
+    }
+    shards.stop(passive.clone()).await.unwrap();
+
+    registry.install(shape(2, false), 2, true).unwrap();
+    let reply = shards
+        .call(live.clone(), json!({}), None)
+        .await
+        .unwrap()
+        .reply;
+    assert_eq!(reply, json!({"version": 2, "value": 3}));
+    assert_eq!(
+        shards.get(live.clone()).await.unwrap().0.state,
+        json!({"count": 3})
+    );
+    // The passive entity replays its version-1 journal with version 1, then migrates.
+    assert_eq!(
+        shards.get(passive.clone()).await.unwrap().0.state,
+        json!({"count": 2})
+    );
+    let reply = shards
+        .call(passive.clone(), json!({}), None)
+        .await
+        .unwrap()
+        .reply;
+    assert_eq!(reply, json!({"version": 2, "value": 3}));
+    // The migration was snapshotted under version 2: a new activation needs no version 1.
+    shards.stop(passive.clone()).await.unwrap();
+    let loaded = store.load(0, &passive).await.unwrap();
+    assert_eq!(loaded.snapshot.map(|s| s.behaviour_version), Some(2));
+
+    // A migrate that fails is a crash of that turn; the old state stays, readable.
+    registry.install(shape(3, true), 3, true).unwrap();
+    let err = shards
+        .call(live.clone(), json!({}), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, EntityError::Crashed { .. }) && err.to_string().contains("migrate refuses"),
+        "{err}"
+    );
+    assert_eq!(
+        shards.get(live.clone()).await.unwrap().0.state,
+        json!({"count": 3})
+    );
+    // Rolling back to version 2 lets it serve again, from the same state.
+    registry.activate("shape", 2).unwrap();
+    let reply = shards.call(live, json!({}), None).await.unwrap().reply;
+    assert_eq!(reply, json!({"version": 2, "value": 4}));
+}
