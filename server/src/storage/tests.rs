@@ -1111,7 +1111,7 @@ async fn catalog_records_are_durable_when_put_returns() {
         .await
         .unwrap();
     // A copy taken now is what a crash leaves: the records are in it.
-    let (_copy_root, copy) = crash_copy(&store.data_dir().to_path_buf());
+    let (_copy_root, copy) = crash_copy(store.data_dir());
     let reopened = reopen(root.path(), &copy).unwrap();
     let records = reopened.catalog("behaviour/").await.unwrap();
     assert_eq!(
