@@ -1,4 +1,4 @@
-//! The supervision tree as the admin API returns it, and its rendering as an indented tree
+//! What the admin API returns: deployed behaviours, and the supervision tree as the admin API returns it, and its rendering as an indented tree
 //! for people (`statehouse tree`); `--json` prints the same data as JSON.
 
 use std::fmt::Write as _;
@@ -28,6 +28,42 @@ pub struct TreeNode {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_crash: Option<String>,
     pub children: Vec<TreeNode>,
+}
+
+/// A behaviour the server serves, as `statehouse behaviours` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BehaviourInfo {
+    pub name: String,
+    /// Built into the server binary (one version, never deployed).
+    pub builtin: bool,
+    pub active_version: u32,
+    /// `{version, deployed_at_ms}` of every stored version of a deployed type.
+    pub versions: Vec<BehaviourVersion>,
+}
+
+/// One stored version of a deployed behaviour.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BehaviourVersion {
+    pub version: u32,
+    pub deployed_at_ms: u64,
+}
+
+impl From<statehouse_proto::v1::BehaviourInfo> for BehaviourInfo {
+    fn from(info: statehouse_proto::v1::BehaviourInfo) -> Self {
+        BehaviourInfo {
+            name: info.name,
+            builtin: info.builtin,
+            active_version: info.active_version,
+            versions: info
+                .versions
+                .into_iter()
+                .map(|v| BehaviourVersion {
+                    version: v.version,
+                    deployed_at_ms: v.deployed_at_ms,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl From<statehouse_proto::v1::TreeNode> for TreeNode {

@@ -21,7 +21,7 @@ use statehouse_proto::value::{json_to_proto, proto_to_json};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
-use crate::admin::TreeNode;
+use crate::admin::{BehaviourInfo, TreeNode};
 use crate::error::{error_chain, ClientError};
 use crate::pipeline::{PipelineReceiver, PipelineSender, PIPELINE_SEND_BUFFER};
 use crate::{Counter, Kv, Register};
@@ -300,6 +300,45 @@ impl Client {
             reply: Value::Null,
         })?;
         Ok(TreeNode::from(root))
+    }
+
+    /// Deploys `source` as the next version of behaviour `name`; returns the new version.
+    pub async fn deploy_behaviour(&self, name: &str, source: &str) -> Result<u32, ClientError> {
+        let request = statehouse_proto::v1::DeployBehaviourRequest {
+            name: name.to_owned(),
+            source: source.to_owned(),
+        };
+        let mut admin = self.admin.clone();
+        Ok(self
+            .send(admin.deploy_behaviour(self.request(request)))
+            .await?
+            .version)
+    }
+
+    /// The built-in and deployed behaviours.
+    pub async fn list_behaviours(&self) -> Result<Vec<BehaviourInfo>, ClientError> {
+        let mut admin = self.admin.clone();
+        let request = statehouse_proto::v1::ListBehavioursRequest {};
+        let response = self
+            .send(admin.list_behaviours(self.request(request)))
+            .await?;
+        Ok(response
+            .behaviours
+            .into_iter()
+            .map(BehaviourInfo::from)
+            .collect())
+    }
+
+    /// Makes the version before the active one active again; returns `(from, to)`.
+    pub async fn rollback_behaviour(&self, name: &str) -> Result<(u32, u32), ClientError> {
+        let request = statehouse_proto::v1::RollbackBehaviourRequest {
+            name: name.to_owned(),
+        };
+        let mut admin = self.admin.clone();
+        let response = self
+            .send(admin.rollback_behaviour(self.request(request)))
+            .await?;
+        Ok((response.from_version, response.to_version))
     }
 
     /// Clears an entity's quarantine and crash history; returns whether it was quarantined.

@@ -85,6 +85,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         entities: u32,
     },
+    /// Deploy a Lua script as the next version of a behaviour; prints `{"name":…,"version":N}`.
+    Deploy {
+        /// The behaviour (entity type) name.
+        name: String,
+        /// The script file.
+        file: std::path::PathBuf,
+    },
+    /// List the built-in and deployed behaviours with their versions, as JSON.
+    Behaviours,
+    /// Make the version before the active one active again; prints `{"name","from","to"}`.
+    Rollback {
+        /// The behaviour name.
+        name: String,
+    },
     /// Clear an entity's quarantine and crash history; prints `{"was_quarantined": bool}`.
     Reset {
         /// The entity type.
@@ -204,6 +218,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return stdout.flush().map_err(Failure::Output);
             }
             serde_json::to_value(&tree).map_err(|e| Failure::Output(std::io::Error::other(e)))?
+        }
+        Command::Deploy { name, file } => {
+            let source = std::fs::read_to_string(&file).map_err(|e| {
+                Failure::LocalInput(format!("cannot read script {}: {e}", file.display()))
+            })?;
+            let client = server.connect().await?;
+            json!({"name": name, "version": client.deploy_behaviour(&name, &source).await?})
+        }
+        Command::Behaviours => {
+            let client = server.connect().await?;
+            serde_json::to_value(client.list_behaviours().await?)
+                .map_err(|e| Failure::Output(std::io::Error::other(e)))?
+        }
+        Command::Rollback { name } => {
+            let client = server.connect().await?;
+            let (from, to) = client.rollback_behaviour(&name).await?;
+            json!({"name": name, "from": from, "to": to})
         }
         Command::Reset { entity_type, key } => {
             let client = server.connect().await?;

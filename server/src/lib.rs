@@ -8,6 +8,8 @@
 //! - [`entity`]: the process of one active entity: mailbox, turn loop, activation,
 //!   passivation, recovery by replay.
 //! - [`behaviour`]: the code of entity types: the traits, the registry, the built-ins.
+//! - [`deployment`]: deploying behaviours at run time (compile, store durably, activate,
+//!   roll back), reloaded at start-up.
 //! - [`storage`]: the `Store` trait and its journal + sled implementation.
 //! - [`supervisor`]: OTP supervision as pure logic: strategies, restart policies, intensity,
 //!   backoff, the static supervisor's state machine and the tree the admin API shows; and
@@ -23,6 +25,7 @@ pub mod address;
 pub mod behaviour;
 pub mod cli;
 pub mod config;
+pub mod deployment;
 pub mod entity;
 pub mod grpc;
 pub mod server;

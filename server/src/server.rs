@@ -11,6 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::behaviour::BehaviourRegistry;
 use crate::config::{Config, ConfigError};
+use crate::deployment::{BehaviourCompiler, DeployError, Deployments};
 use crate::grpc::{AdminApi, EntityApi};
 use crate::shard::Shards;
 use crate::shutdown::Shutdown;
@@ -30,6 +31,8 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot load deployed behaviours: {0}")]
+    Deployments(#[from] DeployError),
     #[error("the root supervisor gave up: {0}")]
     GaveUp(String),
     #[error("server reflection: {0}")]
@@ -48,6 +51,7 @@ pub enum ServerError {
 pub struct Server {
     config: Config,
     registry: BehaviourRegistry,
+    compiler: Option<Arc<dyn BehaviourCompiler>>,
 }
 
 impl Server {
@@ -58,7 +62,17 @@ impl Server {
 
     /// A server with the given entity types (embedders add their own Rust behaviours here).
     pub fn with_registry(config: Config, registry: BehaviourRegistry) -> Self {
-        Server { config, registry }
+        Server {
+            config,
+            registry,
+            compiler: default_compiler(),
+        }
+    }
+
+    /// Replaces the script engine used for deployed behaviours (`None`: deploys are refused).
+    pub fn with_compiler(mut self, compiler: Option<Arc<dyn BehaviourCompiler>>) -> Self {
+        self.compiler = compiler;
+        self
     }
 
     /// Opens the data dir (migrations and journal recovery run here), serves until `shutdown`
@@ -78,14 +92,18 @@ impl Server {
             config.supervision.root,
             shutdown.clone(),
         ));
+        let registry = Arc::new(self.registry);
+        let deployments =
+            Arc::new(Deployments::load(registry.clone(), store.clone(), self.compiler).await?);
         let shards = Arc::new(Shards::new(
-            Arc::new(self.registry),
+            registry,
             store.clone(),
             config.entity_config(),
             config.supervision.clone(),
             root.clone(),
         ));
-        let served = serve_with_drain_limit(&config, shards.clone(), shutdown.clone()).await;
+        let served =
+            serve_with_drain_limit(&config, shards.clone(), deployments, shutdown.clone()).await;
 
         // Whatever ended serving, entities and the store still close in order.
         shutdown.trigger();
@@ -108,6 +126,7 @@ impl Server {
 async fn serve_with_drain_limit(
     config: &Config,
     shards: Arc<Shards>,
+    deployments: Arc<Deployments>,
     shutdown: Shutdown,
 ) -> Result<(), ServerError> {
     let limit = Duration::from_millis(config.shutdown_timeout_ms);
@@ -119,7 +138,7 @@ async fn serve_with_drain_limit(
         }
     };
     tokio::select! {
-        served = serve(config, shards, shutdown) => served,
+        served = serve(config, shards, deployments, shutdown) => served,
         () = drain_expired => {
             tracing::warn!(?limit, "in-flight requests did not finish in time; closing their connections");
             Ok(())
@@ -131,6 +150,7 @@ async fn serve_with_drain_limit(
 async fn serve(
     config: &Config,
     shards: Arc<Shards>,
+    deployments: Arc<Deployments>,
     shutdown: Shutdown,
 ) -> Result<(), ServerError> {
     let listener = TcpListener::bind(config.listen)
@@ -158,7 +178,7 @@ async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(ServerError::Reflection)?;
-    let admin = AdminServiceServer::new(AdminApi::new(shards.clone()));
+    let admin = AdminServiceServer::new(AdminApi::new(shards.clone(), deployments));
     let entities = EntityServiceServer::new(EntityApi::new(shards))
         .max_decoding_message_size(config.message_bytes_max)
         .max_encoding_message_size(config.message_bytes_max);
@@ -193,4 +213,9 @@ pub async fn run_until_signalled(server: Server) -> Result<(), ServerError> {
         .trigger_on_signals()
         .map_err(ServerError::Signals)?;
     server.run(shutdown).await
+}
+
+/// The script engine a server uses unless told otherwise.
+fn default_compiler() -> Option<Arc<dyn BehaviourCompiler>> {
+    None
 }

@@ -1,15 +1,18 @@
-//! `statehouse.v1.AdminService`: the supervision tree and entity reset.
+//! `statehouse.v1.AdminService`: the supervision tree, entity reset, and deployed behaviours.
 
 use std::sync::Arc;
 
 use statehouse_proto::v1::admin_service_server::AdminService;
 use statehouse_proto::v1::{
-    ResetEntityRequest, ResetEntityResponse, SupervisionTreeRequest, SupervisionTreeResponse,
-    TreeNode as WireNode,
+    BehaviourInfo, BehaviourVersion, DeployBehaviourRequest, DeployBehaviourResponse,
+    ListBehavioursRequest, ListBehavioursResponse, ResetEntityRequest, ResetEntityResponse,
+    RollbackBehaviourRequest, RollbackBehaviourResponse, SupervisionTreeRequest,
+    SupervisionTreeResponse, TreeNode as WireNode,
 };
 use tonic::{Request, Response, Status};
 
 use crate::address::EntityId;
+use crate::deployment::Deployments;
 use crate::shard::Shards;
 use crate::supervisor::{NodeKind, Strategy, TreeNode};
 
@@ -20,11 +23,15 @@ const TREE_ENTITIES_MAX: usize = 10_000;
 /// Serves `AdminService` over the server's shards.
 pub struct AdminApi {
     shards: Arc<Shards>,
+    deployments: Arc<Deployments>,
 }
 
 impl AdminApi {
-    pub fn new(shards: Arc<Shards>) -> Self {
-        AdminApi { shards }
+    pub fn new(shards: Arc<Shards>, deployments: Arc<Deployments>) -> Self {
+        AdminApi {
+            shards,
+            deployments,
+        }
     }
 }
 
@@ -65,6 +72,65 @@ impl AdminService for AdminApi {
         };
         let root = to_wire(self.shards.tree(entities));
         Ok(Response::new(SupervisionTreeResponse { root: Some(root) }))
+    }
+
+    async fn deploy_behaviour(
+        &self,
+        request: Request<DeployBehaviourRequest>,
+    ) -> Result<Response<DeployBehaviourResponse>, Status> {
+        let request = request.into_inner();
+        let version = self
+            .deployments
+            .deploy(&request.name, &request.source)
+            .await?;
+        Ok(Response::new(DeployBehaviourResponse { version }))
+    }
+
+    async fn list_behaviours(
+        &self,
+        _request: Request<ListBehavioursRequest>,
+    ) -> Result<Response<ListBehavioursResponse>, Status> {
+        let mut behaviours: Vec<BehaviourInfo> = self
+            .deployments
+            .static_types()
+            .into_iter()
+            .map(|name| BehaviourInfo {
+                name,
+                builtin: true,
+                active_version: 1,
+                versions: Vec::new(),
+            })
+            .collect();
+        behaviours.extend(self.deployments.list().into_iter().map(|deployed| {
+            BehaviourInfo {
+                name: deployed.name,
+                builtin: false,
+                active_version: deployed.active,
+                versions: deployed
+                    .versions
+                    .into_iter()
+                    .map(|(version, deployed_at_ms)| BehaviourVersion {
+                        version,
+                        deployed_at_ms,
+                    })
+                    .collect(),
+            }
+        }));
+        Ok(Response::new(ListBehavioursResponse { behaviours }))
+    }
+
+    async fn rollback_behaviour(
+        &self,
+        request: Request<RollbackBehaviourRequest>,
+    ) -> Result<Response<RollbackBehaviourResponse>, Status> {
+        let (from_version, to_version) = self
+            .deployments
+            .rollback(&request.into_inner().name)
+            .await?;
+        Ok(Response::new(RollbackBehaviourResponse {
+            from_version,
+            to_version,
+        }))
     }
 
     async fn reset_entity(

@@ -2,7 +2,10 @@
 
 use tonic::{Code, Status};
 
+use crate::behaviour::RegistryError;
+use crate::deployment::DeployError;
 use crate::entity::EntityError;
+use crate::storage::StoreError;
 
 /// The status code a client sees for each error.
 pub fn code_of(error: &EntityError) -> Code {
@@ -25,6 +28,27 @@ pub fn code_of(error: &EntityError) -> Code {
 impl From<EntityError> for Status {
     fn from(error: EntityError) -> Self {
         Status::new(code_of(&error), error.to_string())
+    }
+}
+
+impl From<DeployError> for Status {
+    fn from(error: DeployError) -> Self {
+        let code = match &error {
+            DeployError::NoEngine => Code::Unimplemented,
+            DeployError::InvalidName(_) | DeployError::Compile(_) => Code::InvalidArgument,
+            DeployError::Registry(RegistryError::Static(_)) => Code::InvalidArgument,
+            DeployError::Registry(
+                RegistryError::NotDeployed(_) | RegistryError::NoSuchVersion { .. },
+            ) => Code::NotFound,
+            DeployError::Registry(RegistryError::Duplicate(_)) => Code::AlreadyExists,
+            DeployError::NoPreviousVersion(_) => Code::FailedPrecondition,
+            DeployError::Catalog { .. } => Code::DataLoss,
+            DeployError::Storage(StoreError::Closed | StoreError::JournalFailed(_)) => {
+                Code::Unavailable
+            }
+            DeployError::Storage(_) => Code::Internal,
+        };
+        Status::new(code, error.to_string())
     }
 }
 
