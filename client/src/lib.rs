@@ -26,11 +26,14 @@
 //! - [`error`]: [`ClientError`], which keeps the gRPC code and message of every failure.
 //! - [`counter`], [`register`], [`kv`]: typed handles on the built-in behaviours, and the
 //!   parsers of their replies.
+//! - [`bench`]: `statehouse bench`, the load generator (workloads, key distributions, the
+//!   latency report).
 //! - `reply` (private): turning a built-in's JSON reply into a typed value.
 //!
 //! The `statehouse` command-line tool (`src/main.rs`) is built on this library.
 
 pub mod admin;
+pub mod bench;
 pub mod client;
 pub mod counter;
 pub mod error;

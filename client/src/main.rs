@@ -127,6 +127,8 @@ enum Command {
         /// The entity key.
         key: String,
     },
+    /// Load-test the server with a workload; print throughput and latency percentiles.
+    Bench(statehouse_client::bench::BenchArgs),
 }
 
 /// Why the command failed, which decides the exit status.
@@ -247,6 +249,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => {
             let client = server.connect().await?;
             json!(client.list_all(&entity_type, &prefix, page_size).await?)
+        }
+        // The benchmark prints its own report (text or JSON).
+        Command::Bench(args) => {
+            use statehouse_client::bench::{run_command, BenchError};
+            return run_command(args, &server.url, server.timeout_ms)
+                .await
+                .map_err(|err| match err {
+                    BenchError::Usage(message) => Failure::LocalInput(message),
+                    BenchError::Client(err) => Failure::from(err),
+                    BenchError::Output(err) => Failure::Output(err),
+                });
         }
     };
     let mut stdout = std::io::stdout().lock();

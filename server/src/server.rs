@@ -7,7 +7,7 @@ use std::time::Duration;
 use statehouse_proto::v1::admin_service_server::AdminServiceServer;
 use statehouse_proto::v1::entity_service_server::EntityServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::behaviour::BehaviourRegistry;
 use crate::config::{Config, ConfigError};
@@ -183,6 +183,8 @@ async fn serve(
         .max_decoding_message_size(config.message_bytes_max)
         .max_encoding_message_size(config.message_bytes_max);
 
+    // TCP_NODELAY: without it, small replies wait for delayed ACKs (~40 ms stalls).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!("listening on {address}");
     let stopping = {
         let shutdown = shutdown.clone();
@@ -201,7 +203,7 @@ async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(entities)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopping)
+        .serve_with_incoming_shutdown(incoming, stopping)
         .await?;
     Ok(())
 }

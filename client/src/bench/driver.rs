@@ -1,0 +1,396 @@
+//! The load generator: opens the gRPC channels, keeps `concurrency` requests in flight over
+//! them, and runs one phase (warm-up or measurement) until its [`Limit`].
+//!
+//! Each request slot is one task that sends a request, awaits its answer, records it and
+//! sends the next, so exactly `concurrency` requests are in flight (closed loop, like
+//! `redis-benchmark`). Slots are spread round-robin over the channels.
+//!
+//! The hot path calls the generated tonic client directly rather than [`crate::Client`]:
+//! requests are built from pre-encoded `google.protobuf.Value` messages, with no JSON
+//! conversion and no reply decoding, so the client spends its CPU on the wire, not on
+//! bookkeeping (client and server usually share the machine). Every request carries the
+//! run's deadline as `grpc-timeout`, and the client gives up at the same instant, so every
+//! phase ends by itself even if the server stops answering.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use statehouse_proto::v1::entity_service_client::EntityServiceClient;
+use statehouse_proto::v1::{CallRequest, GetRequest};
+use statehouse_proto::value::json_to_proto;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+
+use super::args::{key_name, BenchConfig, Workload};
+use super::keys::KeyChooser;
+use super::report::Recorder;
+use crate::client::CONNECT_TIMEOUT;
+use crate::error::error_chain;
+use crate::ClientError;
+
+/// Fields of each `kv` map the `kv` workload reads and writes: `f0` … `f7`.
+pub const KV_FIELDS: usize = 8;
+
+/// The generated client on one channel.
+type RawClient = EntityServiceClient<Channel>;
+
+/// Opens `connections` gRPC channels to `url`, each its own TCP connection.
+pub async fn open_channels(url: &str, connections: usize) -> Result<Vec<RawClient>, ClientError> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|err| ClientError::InvalidUrl {
+            url: url.to_owned(),
+            reason: error_chain(&err),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|err| ClientError::Connect {
+                url: url.to_owned(),
+                reason: error_chain(&err),
+            })?;
+        clients.push(EntityServiceClient::new(channel));
+    }
+    Ok(clients)
+}
+
+/// What every request of a run is made of: the workload, its key chooser and the
+/// pre-encoded messages. Shared by all slots.
+#[derive(Debug)]
+pub struct Plan {
+    workload: Workload,
+    entity_type: &'static str,
+    key_prefix: String,
+    chooser: KeyChooser,
+    read_ratio: f64,
+    timeout: Duration,
+    incr: prost_types::Value,
+    kv_gets: Vec<prost_types::Value>,
+}
+
+/// One request, ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// A `Call` RPC.
+    Call(CallRequest),
+    /// A `Get` RPC.
+    Get(GetRequest),
+}
+
+impl Plan {
+    /// The plan of `config`'s workload.
+    pub fn new(config: &BenchConfig) -> Plan {
+        Plan {
+            workload: config.workload,
+            entity_type: config.workload.entity_type(),
+            key_prefix: config.key_prefix.clone(),
+            chooser: KeyChooser::new(
+                config.keys,
+                config.distribution,
+                config.zipf_exponent.unwrap_or(1.0),
+            ),
+            read_ratio: config.read_ratio.unwrap_or(0.0),
+            timeout: config.request_timeout,
+            incr: json_to_proto(json!({"op": "incr"})),
+            kv_gets: (0..KV_FIELDS)
+                .map(|field| json_to_proto(json!({"op": "get", "field": format!("f{field}")})))
+                .collect(),
+        }
+    }
+
+    /// The next request of a slot, drawn with the slot's `rng`.
+    pub fn next_op(&self, rng: &mut impl Rng) -> Op {
+        let key = key_name(
+            self.workload,
+            &self.key_prefix,
+            self.chooser.next_index(rng),
+        );
+        let message = match self.workload {
+            Workload::Get => {
+                return Op::Get(GetRequest {
+                    r#type: self.entity_type.to_owned(),
+                    key,
+                })
+            }
+            Workload::Incr | Workload::Hot => self.incr.clone(),
+            Workload::Kv => {
+                let field = rng.gen_range(0..KV_FIELDS);
+                // gen::<f64>() is in [0, 1): a ratio of 1 always reads, 0 never does.
+                if rng.gen::<f64>() < self.read_ratio {
+                    self.kv_gets[field].clone()
+                } else {
+                    let value: u32 = rng.gen();
+                    json_to_proto(
+                        json!({"op": "put", "field": format!("f{field}"), "value": value}),
+                    )
+                }
+            }
+        };
+        Op::Call(CallRequest {
+            r#type: self.entity_type.to_owned(),
+            key,
+            message: Some(message),
+        })
+    }
+}
+
+/// When a phase stops sending.
+#[derive(Debug)]
+pub enum Limit {
+    /// No request is sent at or after this instant.
+    Until(Instant),
+    /// This many more requests are sent, in total over all slots.
+    Count(AtomicU64),
+}
+
+impl Limit {
+    /// A limit of `requests` requests.
+    pub fn count(requests: u64) -> Limit {
+        Limit::Count(AtomicU64::new(requests))
+    }
+
+    /// Takes the right to send one more request; false once the phase is over.
+    fn take(&self) -> bool {
+        match self {
+            Limit::Until(deadline) => Instant::now() < *deadline,
+            Limit::Count(remaining) => remaining
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok(),
+        }
+    }
+}
+
+/// Runs one phase: `concurrency` slots over `clients` until `limit`, each slot seeded from
+/// `seed` and its number. Returns what was recorded and how long the phase took from its
+/// first request to its last answer.
+pub async fn run_phase(
+    clients: &[RawClient],
+    plan: &Arc<Plan>,
+    concurrency: usize,
+    limit: Limit,
+    seed: u64,
+) -> (Recorder, Duration) {
+    assert!(!clients.is_empty(), "a phase needs a channel");
+    let limit = Arc::new(limit);
+    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    let started = Instant::now();
+    let mut slots = JoinSet::new();
+    for slot in 0..concurrency {
+        let client = clients[slot % clients.len()].clone();
+        // SmallRng::seed_from_u64 scrambles its seed, so neighbouring seeds give unrelated
+        // streams.
+        let rng = SmallRng::seed_from_u64(seed.wrapping_add(slot as u64));
+        slots.spawn(run_slot(
+            client,
+            Arc::clone(plan),
+            Arc::clone(&limit),
+            Arc::clone(&recorder),
+            rng,
+        ));
+    }
+    while let Some(joined) = slots.join_next().await {
+        if let Err(err) = joined {
+            // A slot only ends by returning; a panic there is a bug to surface as is.
+            if err.is_panic() {
+                std::panic::resume_unwind(err.into_panic());
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let recorder = match Arc::try_unwrap(recorder) {
+        Ok(recorder) => recorder
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner),
+        // Every slot has ended, so no other reference is left.
+        Err(_) => unreachable!("a slot outlived its phase"),
+    };
+    (recorder, elapsed)
+}
+
+/// One request slot: send, await, record, until the limit says stop.
+async fn run_slot(
+    mut client: RawClient,
+    plan: Arc<Plan>,
+    limit: Arc<Limit>,
+    recorder: Arc<Mutex<Recorder>>,
+    mut rng: SmallRng,
+) {
+    while limit.take() {
+        let op = plan.next_op(&mut rng);
+        let started = Instant::now();
+        let outcome = send(&mut client, op, plan.timeout).await;
+        let latency = started.elapsed();
+        // Uncontended on the CLI's single-threaded runtime; brief on any other.
+        let mut recorder = recorder.lock().unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Ok(()) => recorder.record_ok(latency),
+            Err(status) => {
+                let code = deadline_code(status.code(), latency, plan.timeout);
+                recorder.record_error(code, status.message());
+            }
+        }
+    }
+}
+
+/// Sends one request with the deadline `timeout`, and waits at most that long.
+async fn send(client: &mut RawClient, op: Op, timeout: Duration) -> Result<(), tonic::Status> {
+    let answered = match op {
+        Op::Call(call) => {
+            let mut request = Request::new(call);
+            request.set_timeout(timeout);
+            tokio::time::timeout(timeout, client.call(request))
+                .await
+                .map(|answer| answer.map(drop))
+        }
+        Op::Get(get) => {
+            let mut request = Request::new(get);
+            request.set_timeout(timeout);
+            tokio::time::timeout(timeout, client.get(request))
+                .await
+                .map(|answer| answer.map(drop))
+        }
+    };
+    answered.unwrap_or_else(|_| {
+        Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within the deadline of {} ms",
+            timeout.as_millis()
+        )))
+    })
+}
+
+/// tonic's server answers an expired `grpc-timeout` with `CANCELLED`; past the deadline that
+/// is the deadline, and is counted as `DEADLINE_EXCEEDED` as [`crate::Client`] reports it.
+fn deadline_code(code: Code, latency: Duration, timeout: Duration) -> Code {
+    if code == Code::Cancelled && latency >= timeout {
+        Code::DeadlineExceeded
+    } else {
+        code
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::args::{KeyDistribution, StopAfter};
+    use statehouse_proto::value::proto_to_json;
+
+    fn config(workload: Workload, read_ratio: Option<f64>) -> BenchConfig {
+        BenchConfig {
+            server: "http://127.0.0.1:1".to_owned(),
+            workload,
+            keys: if workload == Workload::Hot { 1 } else { 20 },
+            distribution: KeyDistribution::Uniform,
+            zipf_exponent: None,
+            read_ratio,
+            concurrency: 4,
+            connections: 1,
+            stop_after: StopAfter::Requests(10),
+            warmup: Duration::ZERO,
+            key_prefix: "p".to_owned(),
+            seed: 1,
+            request_timeout: Duration::from_secs(1),
+            json: false,
+        }
+    }
+
+    fn call_of(op: Op) -> (String, String, serde_json::Value) {
+        match op {
+            Op::Call(call) => (
+                call.r#type,
+                call.key,
+                proto_to_json(call.message.unwrap()).unwrap(),
+            ),
+            Op::Get(get) => panic!("expected a call, got {get:?}"),
+        }
+    }
+
+    #[test]
+    fn incr_and_hot_increment_counters() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let plan = Plan::new(&config(Workload::Incr, None));
+        for _ in 0..100 {
+            let (entity_type, key, message) = call_of(plan.next_op(&mut rng));
+            assert_eq!(entity_type, "counter");
+            let index: u64 = key.strip_prefix("p-").unwrap().parse().unwrap();
+            assert!(index < 20);
+            assert_eq!(message, json!({"op": "incr"}));
+        }
+        let plan = Plan::new(&config(Workload::Hot, None));
+        let (_, key, _) = call_of(plan.next_op(&mut rng));
+        assert_eq!(key, "p-hot");
+    }
+
+    #[test]
+    fn get_reads_counters() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let plan = Plan::new(&config(Workload::Get, None));
+        match plan.next_op(&mut rng) {
+            Op::Get(get) => {
+                assert_eq!(get.r#type, "counter");
+                assert!(get.key.starts_with("p-"), "{get:?}");
+            }
+            other => panic!("expected a get, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kv_mixes_reads_and_writes_by_the_ratio() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        for (ratio, low, high) in [(0.0, 0, 0), (1.0, 1000, 1000), (0.9, 870, 930)] {
+            let plan = Plan::new(&config(Workload::Kv, Some(ratio)));
+            let mut reads = 0;
+            for _ in 0..1000 {
+                let (entity_type, _, message) = call_of(plan.next_op(&mut rng));
+                assert_eq!(entity_type, "kv");
+                let field = message["field"].as_str().unwrap();
+                assert!(field.starts_with('f') && field.len() == 2, "{message}");
+                match message["op"].as_str().unwrap() {
+                    "get" => reads += 1,
+                    "put" => assert!(message["value"].is_u64(), "{message}"),
+                    other => panic!("unexpected op {other}"),
+                }
+            }
+            assert!(
+                (low..=high).contains(&reads),
+                "ratio {ratio}: {reads} reads"
+            );
+        }
+    }
+
+    #[test]
+    fn a_count_limit_hands_out_exactly_its_count() {
+        let limit = Limit::count(3);
+        assert!(limit.take() && limit.take() && limit.take());
+        assert!(!limit.take());
+        assert!(!limit.take());
+        let past = Limit::Until(Instant::now());
+        assert!(!past.take());
+    }
+
+    #[test]
+    fn cancelled_past_the_deadline_is_deadline_exceeded() {
+        let timeout = Duration::from_millis(10);
+        assert_eq!(
+            deadline_code(Code::Cancelled, Duration::from_millis(11), timeout),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            deadline_code(Code::Cancelled, Duration::from_millis(1), timeout),
+            Code::Cancelled
+        );
+        assert_eq!(
+            deadline_code(Code::Unavailable, Duration::from_millis(11), timeout),
+            Code::Unavailable
+        );
+    }
+}
