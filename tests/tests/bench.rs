@@ -125,10 +125,11 @@ async fn every_workload_reports_throughput_and_ordered_percentiles() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_request_count_sends_exactly_that_many_increments() {
+async fn a_request_count_sends_exactly_that_many_increments_unary_and_pipelined() {
     let server = TestServer::start();
-    let report = server
-        .cli(&[
+    let client = server.client().await;
+    for (prefix, pipeline) in [("exact", false), ("piped", true)] {
+        let mut args = vec![
             "bench",
             "--workload",
             "incr",
@@ -143,26 +144,30 @@ async fn a_request_count_sends_exactly_that_many_increments() {
             "--connections",
             "3",
             "--key-prefix",
-            "exact",
+            prefix,
             "--json",
-        ])
-        .json();
-    check_report(&report, "incr");
-    assert_eq!(report["count"], 300, "{report:#}");
-    assert_eq!(report["config"]["requests"], 300, "{report:#}");
-
-    // With no warm-up and no errors, the counters add up to the count.
-    let client = server.client().await;
-    let mut total = 0;
-    for index in 0..10 {
-        match client.get("counter", &format!("exact-{index}")).await {
-            Ok(state) => total += state.state["value"].as_i64().expect("a counter value"),
-            // A key no request happened to pick has no state.
-            Err(err) if err.code() == tonic::Code::NotFound => {}
-            Err(err) => panic!("get exact-{index}: {err}"),
+        ];
+        if pipeline {
+            args.push("--pipeline");
         }
+        let report = server.cli(&args).json();
+        check_report(&report, "incr");
+        assert_eq!(report["count"], 300, "{report:#}");
+        assert_eq!(report["config"]["requests"], 300, "{report:#}");
+        assert_eq!(report["config"]["pipeline"], pipeline, "{report:#}");
+
+        // With no warm-up and no errors, the counters add up to the count.
+        let mut total = 0;
+        for index in 0..10 {
+            match client.get("counter", &format!("{prefix}-{index}")).await {
+                Ok(state) => total += state.state["value"].as_i64().expect("a counter value"),
+                // A key no request happened to pick has no state.
+                Err(err) if err.code() == tonic::Code::NotFound => {}
+                Err(err) => panic!("get {prefix}-{index}: {err}"),
+            }
+        }
+        assert_eq!(total, 300, "pipeline: {pipeline}");
     }
-    assert_eq!(total, 300);
 }
 
 #[test]

@@ -119,6 +119,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub seed: Option<u64>,
 
+    /// Send calls on `Pipeline` streams (one per connection, the in-flight calls spread over
+    /// them) instead of one unary RPC per call. Not for `get`.
+    #[arg(long)]
+    pub pipeline: bool,
+
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -217,6 +222,8 @@ pub struct BenchConfig {
     pub request_timeout: Duration,
     /// Whether to print JSON.
     pub json: bool,
+    /// Calls travel on `Pipeline` streams.
+    pub pipeline: bool,
 }
 
 impl BenchArgs {
@@ -237,6 +244,12 @@ impl BenchArgs {
             if self.distribution.is_some() {
                 return not_for("--distribution", "it addresses one key");
             }
+        }
+        if workload == Workload::Get && self.pipeline {
+            return not_for(
+                "--pipeline",
+                "`Get` is a unary read; `Pipeline` carries calls",
+            );
         }
         if workload != Workload::Kv && self.read_ratio.is_some() {
             return not_for("--read-ratio", "only `kv` mixes reads and writes");
@@ -346,6 +359,7 @@ impl BenchArgs {
             seed: self.seed.unwrap_or_else(rand::random),
             request_timeout,
             json: self.json,
+            pipeline: self.pipeline,
         })
     }
 }
@@ -392,6 +406,9 @@ impl BenchConfig {
         option("warmup", format_duration(self.warmup));
         option("key-prefix", shell_quote(&self.key_prefix));
         option("seed", self.seed.to_string());
+        if self.pipeline {
+            words.push("--pipeline".to_owned());
+        }
         if self.json {
             words.push("--json".to_owned());
         }
@@ -414,6 +431,7 @@ impl BenchConfig {
             "read_ratio": self.read_ratio,
             "concurrency": self.concurrency,
             "connections": self.connections,
+            "pipeline": self.pipeline,
             "duration_s": duration_s,
             "requests": requests,
             "warmup_s": self.warmup.as_secs_f64(),

@@ -12,6 +12,7 @@
 //! run's deadline as `grpc-timeout`, and the client gives up at the same instant, so every
 //! phase ends by itself even if the server stops answering.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -20,9 +21,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use statehouse_proto::v1::entity_service_client::EntityServiceClient;
-use statehouse_proto::v1::{CallRequest, GetRequest};
+use statehouse_proto::v1::{CallRequest, GetRequest, PipelineRequest};
 use statehouse_proto::value::json_to_proto;
 use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
@@ -217,6 +219,134 @@ pub async fn run_phase(
     (recorder, elapsed)
 }
 
+/// Runs one phase on `Pipeline` streams: one per channel, `concurrency` calls in flight spread
+/// over them. Like [`run_phase`] otherwise.
+pub async fn run_phase_pipelined(
+    clients: &[RawClient],
+    plan: &Arc<Plan>,
+    concurrency: usize,
+    limit: Limit,
+    seed: u64,
+) -> (Recorder, Duration) {
+    assert!(!clients.is_empty(), "a phase needs a channel");
+    let limit = Arc::new(limit);
+    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    let started = Instant::now();
+    let mut streams = JoinSet::new();
+    for (index, client) in clients.iter().enumerate() {
+        let in_flight =
+            concurrency / clients.len() + usize::from(index < concurrency % clients.len());
+        let rng = SmallRng::seed_from_u64(seed.wrapping_add(index as u64));
+        streams.spawn(run_stream(
+            client.clone(),
+            Arc::clone(plan),
+            Arc::clone(&limit),
+            Arc::clone(&recorder),
+            rng,
+            in_flight,
+        ));
+    }
+    while let Some(joined) = streams.join_next().await {
+        if let Err(err) = joined {
+            if err.is_panic() {
+                std::panic::resume_unwind(err.into_panic());
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let recorder = match Arc::try_unwrap(recorder) {
+        Ok(recorder) => recorder
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner),
+        Err(_) => unreachable!("a stream outlived its phase"),
+    };
+    (recorder, elapsed)
+}
+
+/// One `Pipeline` stream keeping `in_flight` calls outstanding until the limit says stop.
+async fn run_stream(
+    mut client: RawClient,
+    plan: Arc<Plan>,
+    limit: Arc<Limit>,
+    recorder: Arc<Mutex<Recorder>>,
+    mut rng: SmallRng,
+    in_flight: usize,
+) {
+    let (requests, outbound) = tokio::sync::mpsc::channel(in_flight.max(1));
+    let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(in_flight);
+    let mut next_id = 0u64;
+    let mut send_next = |sent_at: &mut HashMap<u64, Instant>, rng: &mut SmallRng| {
+        if !limit.take() {
+            return None;
+        }
+        let Op::Call(call) = plan.next_op(rng) else {
+            unreachable!("--pipeline is refused for workloads that are not calls")
+        };
+        let id = next_id;
+        next_id += 1;
+        sent_at.insert(id, Instant::now());
+        Some(PipelineRequest {
+            id,
+            r#type: call.r#type,
+            key: call.key,
+            message: call.message,
+        })
+    };
+    // Fill the window before the stream opens; the channel holds exactly that many.
+    for _ in 0..in_flight {
+        let Some(request) = send_next(&mut sent_at, &mut rng) else {
+            break;
+        };
+        if requests.try_send(request).is_err() {
+            break;
+        }
+    }
+    let record_all = |sent_at: &mut HashMap<u64, Instant>, code: Code, message: &str| {
+        let mut recorder = recorder.lock().unwrap_or_else(PoisonError::into_inner);
+        for _ in sent_at.drain() {
+            recorder.record_error(code, message);
+        }
+    };
+    let mut inbound = match client.pipeline(ReceiverStream::new(outbound)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return record_all(&mut sent_at, status.code(), status.message()),
+    };
+    while !sent_at.is_empty() {
+        let answer = match tokio::time::timeout(plan.timeout, inbound.message()).await {
+            Ok(Ok(Some(answer))) => answer,
+            Ok(Ok(None)) => {
+                return record_all(&mut sent_at, Code::Unavailable, "the pipeline stream ended")
+            }
+            Ok(Err(status)) => return record_all(&mut sent_at, status.code(), status.message()),
+            Err(_) => {
+                return record_all(
+                    &mut sent_at,
+                    Code::DeadlineExceeded,
+                    "no answer within the deadline",
+                )
+            }
+        };
+        if let Some(started) = sent_at.remove(&answer.id) {
+            let latency = started.elapsed();
+            let mut recorder = recorder.lock().unwrap_or_else(PoisonError::into_inner);
+            if answer.code == 0 {
+                recorder.record_ok(latency);
+            } else {
+                recorder.record_error(Code::from_i32(answer.code), &answer.error);
+            }
+        }
+        if let Some(request) = send_next(&mut sent_at, &mut rng) {
+            if requests.send(request).await.is_err() {
+                return record_all(
+                    &mut sent_at,
+                    Code::Unavailable,
+                    "the pipeline stream closed",
+                );
+            }
+        }
+    }
+}
+
 /// One request slot: send, await, record, until the limit says stop.
 async fn run_slot(
     mut client: RawClient,
@@ -300,6 +430,7 @@ mod tests {
             seed: 1,
             request_timeout: Duration::from_secs(1),
             json: false,
+            pipeline: false,
         }
     }
 

@@ -56,7 +56,7 @@ pub use args::{BenchArgs, BenchConfig, KeyDistribution, StopAfter, Workload};
 pub use report::BenchReport;
 
 use args::{format_duration, key_name};
-use driver::{open_channels, run_phase, Limit, Plan};
+use driver::{open_channels, run_phase, run_phase_pipelined, Limit, Plan};
 
 /// Added to the seed for the warm-up's slots, so the measurement's slots use the seed the
 /// report names and a rerun with `--seed` repeats their key choices.
@@ -135,23 +135,25 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
         prepopulate_counters(&client, config).await?;
     }
     let plan = Arc::new(Plan::new(config));
+    let phase = |limit: Limit, seed: u64| {
+        let (channels, plan) = (&channels, &plan);
+        async move {
+            if config.pipeline {
+                run_phase_pipelined(channels, plan, config.concurrency, limit, seed).await
+            } else {
+                run_phase(channels, plan, config.concurrency, limit, seed).await
+            }
+        }
+    };
     if !config.warmup.is_zero() {
         let until = Limit::Until(Instant::now() + config.warmup);
-        run_phase(
-            &channels,
-            &plan,
-            config.concurrency,
-            until,
-            config.seed.wrapping_add(WARMUP_SEED_OFFSET),
-        )
-        .await;
+        phase(until, config.seed.wrapping_add(WARMUP_SEED_OFFSET)).await;
     }
     let limit = match config.stop_after {
         StopAfter::Duration(duration) => Limit::Until(Instant::now() + duration),
         StopAfter::Requests(requests) => Limit::count(requests),
     };
-    let (recorder, elapsed) =
-        run_phase(&channels, &plan, config.concurrency, limit, config.seed).await;
+    let (recorder, elapsed) = phase(limit, config.seed).await;
     Ok(BenchReport::new(config.clone(), &recorder, elapsed))
 }
 

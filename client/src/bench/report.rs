@@ -316,6 +316,7 @@ mod tests {
             seed: 5,
             request_timeout: Duration::from_secs(30),
             json: true,
+            pipeline: false,
         }
     }
 
