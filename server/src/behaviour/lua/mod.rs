@@ -115,6 +115,18 @@ pub struct LuaBehaviour {
     has_apply: bool,
 }
 
+impl std::fmt::Debug for LuaBehaviour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let script = self.pool.script();
+        f.debug_struct("LuaBehaviour")
+            .field("type_name", &script.type_name)
+            .field("version", &script.version)
+            .field("has_apply", &self.has_apply)
+            .field("limits", &script.limits)
+            .finish_non_exhaustive()
+    }
+}
+
 /// An entity's state under a Lua behaviour: the JSON form of the script's state, or why
 /// `init` failed for this key (reported by every later call, as a crash).
 #[derive(Debug, Clone, PartialEq)]

@@ -55,6 +55,7 @@ impl Pool {
             None => Vm::new(Arc::clone(&self.script))
                 .map_err(|e| BehaviourError::Failed(e.to_string()))?,
         };
+        vm.collect_garbage_if_crowded();
         let result = f(&mut vm);
         if !vm.poisoned {
             let mut idle = self.idle.lock();

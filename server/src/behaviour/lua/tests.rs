@@ -429,11 +429,7 @@ fn ctx_gives_key_now_and_effects() {
     let alice = EntityId::new("cart", "alice").unwrap();
     assert_eq!(turn.effects, vec![Effect::Monitor(alice.clone())]);
     let turn = behaviour
-        .handle(
-            &"w".to_owned(),
-            &state,
-            json!({"op": "unwatch", "key": "alice"}),
-        )
+        .handle("w", &state, json!({"op": "unwatch", "key": "alice"}))
         .unwrap();
     assert_eq!(turn.effects, vec![Effect::Demonitor(alice.clone())]);
     // `now` defaults to the wall clock.
@@ -742,6 +738,9 @@ const PROBE: &str = r#"
             local s = "x"
             while true do s = s .. s end
         end,
+        pattern = function()
+            return string.find(string.rep("a", 20000), ".-.-.-.-.-b")
+        end,
         clock = function() return os.clock() >= 0 and os.time() > 0 end,
     }
     function init() return {calls = 0} end
@@ -790,7 +789,8 @@ fn the_sandbox_has_no_os_io_require_load_or_debug() {
 #[test]
 fn runaway_cpu_is_stopped_and_named() {
     let behaviour = LuaBehaviour::compile("cart", 1, PROBE, tight_limits()).unwrap();
-    for name in ["infinite_loop", "pcall_loop"] {
+    // Luau checks the interrupt inside pattern matching too.
+    for name in ["infinite_loop", "pcall_loop", "pattern"] {
         let message = failed(probe(&behaviour, name));
         assert!(
             message.contains("instruction budget exceeded") && message.contains("200000"),
@@ -908,4 +908,21 @@ fn many_threads_share_one_behaviour() {
     }
     // VMs were created on demand and at most `idle_max` were kept.
     assert!(cart.pool.idle_count() >= 1);
+}
+
+#[test]
+fn garbage_from_earlier_calls_does_not_break_later_ones() {
+    let source = r#"
+        function init() return {} end
+        function handle_call(msg, state, ctx)
+            local big = string.rep("x", 3 * 1024 * 1024)
+            return #big
+        end
+    "#;
+    let behaviour = LuaBehaviour::compile("cart", 1, source, tight_limits()).unwrap();
+    let state = behaviour.initial_state("k");
+    for _ in 0..20 {
+        let turn = behaviour.handle("k", &state, json!({})).unwrap();
+        assert_eq!(turn.reply, json!(3 * 1024 * 1024));
+    }
 }

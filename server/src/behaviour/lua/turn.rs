@@ -15,7 +15,7 @@ use crate::behaviour::{BehaviourError, Turn, Value};
 impl Vm {
     /// Runs `init(key, arg)` and returns the initial state.
     pub(super) fn init(&mut self, key: &str, arg: &Value) -> Result<Value, CallError> {
-        let arg = self.to_lua(arg, false, "arg").map_err(|e| match e {
+        let arg = self.lua_value(arg, false, "arg").map_err(|e| match e {
             ConversionFailure::Value(m) => CallError::Failed(m),
             ConversionFailure::Vm(e) => e,
         })?;
@@ -63,14 +63,14 @@ impl Vm {
             LuaMessageKind::Info => "info",
             _ => "message",
         };
-        let message = self.to_lua(message, false, root).map_err(|e| match e {
+        let message = self.lua_value(message, false, root).map_err(|e| match e {
             ConversionFailure::Value(m) => BehaviourError::InvalidMessage(m),
             ConversionFailure::Vm(e) => BehaviourError::Failed(e.message()),
         })?;
         // With apply, state changes only through events: the handler gets a frozen state so a
         // change in place fails loudly instead of being silently lost.
         let state_table = self
-            .to_lua(state, with_apply, "state")
+            .lua_value(state, with_apply, "state")
             .map_err(|e| match e {
                 ConversionFailure::Value(m) => {
                     BehaviourError::Failed(format!("the stored state does not fit Lua: {m}"))
@@ -183,8 +183,10 @@ impl Vm {
             ConversionFailure::Value(m) => BehaviourError::Failed(format!("{name}: {m}")),
             ConversionFailure::Vm(e) => BehaviourError::Failed(e.message()),
         };
-        let state_table = self.to_lua(state, false, "state").map_err(conversion)?;
-        let other = self.to_lua(other, false, other_root).map_err(conversion)?;
+        let state_table = self.lua_value(state, false, "state").map_err(conversion)?;
+        let other = self
+            .lua_value(other, false, other_root)
+            .map_err(conversion)?;
         let args = match position {
             StateArgument::First => (state_table.clone(), other),
             StateArgument::Second => (other, state_table.clone()),

@@ -283,6 +283,18 @@ impl Vm {
         &self.script
     }
 
+    /// Runs a full collection when garbage from earlier calls fills more than half the
+    /// memory limit. Luau collects incrementally and has no emergency collection on a failed
+    /// allocation, so without this a call could fail only because of earlier calls' garbage.
+    pub(super) fn collect_garbage_if_crowded(&mut self) {
+        if self.lua.used_memory() > self.script.limits.memory_bytes_max / 2 {
+            if let Err(error) = self.lua.gc_collect() {
+                tracing::debug!(%error, "Lua garbage collection failed; dropping the VM");
+                self.poisoned = true;
+            }
+        }
+    }
+
     /// Calls a script function (`what` names it in messages) under the limits.
     pub(super) fn call(
         &mut self,
@@ -305,7 +317,7 @@ impl Vm {
     }
 
     /// Converts a JSON value into this VM, frozen or not. `root` names it in messages.
-    pub(super) fn to_lua(
+    pub(super) fn lua_value(
         &mut self,
         value: &Value,
         freeze: bool,
