@@ -14,7 +14,10 @@
 //! - an object becomes a table with string keys.
 //!
 //! Lua → JSON:
-//! - `nil` and the `null` sentinel → `null`; booleans as themselves.
+//! - `nil` and the `null` sentinel → `null`, except that an object field set to `null` is
+//!   left out, as on the way in: a null field and an absent one are the same thing, so a
+//!   value converted back and forth does not change (an unchanged state is not an event).
+//! - booleans as themselves.
 //! - a number with no fraction and |n| ≤ 2^53 → a JSON integer; other finite numbers → a JSON
 //!   float; NaN and ±infinity are refused (JSON has none).
 //! - a string → a JSON string if it is valid UTF-8, refused otherwise.
@@ -294,6 +297,9 @@ fn table_to_json(
             let key = key.to_str().map_err(|_| {
                 ConvertError::new("a table key is not valid UTF-8; keys must be text")
             })?;
+            if is_null(field) {
+                continue;
+            }
             let key = key.to_owned();
             let field = to_json_at(field, array_metatable, depth + 1)
                 .map_err(|e| e.at(key_segment(&key)))?;
@@ -310,6 +316,11 @@ fn table_to_json(
             to_json_at(item, array_metatable, depth + 1).map_err(|e| e.at(format!("[{index}]")))?;
     }
     Ok(Value::Array(items))
+}
+
+/// Whether a table value is the `null` sentinel.
+fn is_null(value: &LuaValue) -> bool {
+    matches!(value, LuaValue::LightUserData(p) if p.0.is_null())
 }
 
 /// The key's position if it is an integer in `1..=count`. With `count` distinct keys all in
@@ -411,6 +422,15 @@ mod tests {
     fn null_in_an_array_is_kept_and_in_an_object_is_dropped() {
         assert_eq!(round_trip(json!([1, null, 3])), json!([1, null, 3]));
         assert_eq!(round_trip(json!({"a": null, "b": 1})), json!({"b": 1}));
+        let (lua, mt) = vm();
+        let value: LuaValue = lua
+            .load("local null = ... return {a = null, b = {null, 2}}")
+            .call(LuaValue::NULL)
+            .unwrap();
+        assert_eq!(
+            to_json(&value, mt.to_pointer()),
+            Ok(json!({"b": [null, 2]}))
+        );
     }
 
     #[test]

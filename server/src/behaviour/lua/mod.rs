@@ -39,7 +39,7 @@
 //! `ctx` is read-only and holds `ctx.key`, `ctx.now` (milliseconds since the Unix epoch, read
 //! once per turn; the same for every read within a turn; handlers are never replayed, only
 //! events are, so `apply` must not read clocks), `ctx.emit(event)`,
-//! `ctx.monitor(type, key)` and `ctx.demonitor(type, key)` ([`Effect`]s run once the turn is
+//! `ctx.monitor(type, key)` and `ctx.demonitor(type, key)` ([`Effect`](crate::behaviour::Effect)s run once the turn is
 //! durable).
 //!
 //! A handler refuses a bad message with `error({invalid = "reason"})`: the caller gets
@@ -52,7 +52,7 @@
 //!
 //! Values cross the boundary as JSON; the mapping (empty table → `{}` unless marked with
 //! `array()`, `null` sentinel for nulls inside arrays, numbers exact up to 2^53) is documented
-//! in [`convert`].
+//! in `convert.rs`.
 //!
 //! # Limits and sandbox
 //!

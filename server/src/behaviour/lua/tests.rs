@@ -926,3 +926,20 @@ fn garbage_from_earlier_calls_does_not_break_later_ones() {
         assert_eq!(turn.reply, json!(3 * 1024 * 1024));
     }
 }
+
+#[test]
+fn an_unchanged_state_writes_no_event() {
+    // `null` in a field reads back as an absent field, so this state converts to itself.
+    let source = r#"
+        function init() return {a = 1, gone = null, list = array()} end
+        function handle_call(msg, state, ctx)
+            state.gone = null
+            return "read", state
+        end
+    "#;
+    let behaviour = compile(source);
+    let mut entity = Entity::new(&behaviour, "k");
+    assert_eq!(entity.value(), json!({"a": 1, "list": []}));
+    let turn = entity.turn(json!({})).unwrap();
+    assert!(turn.events.is_empty(), "{:?}", turn.events);
+}

@@ -4,7 +4,7 @@
 //! functions), the `ctx` functions and the per-turn log they write to, and [`Vm::call`], the
 //! single path by which Rust runs script code: metered, refusals told apart from crashes,
 //! broken limits named, a VM that broke one marked poisoned so the pool drops it.
-//! **Calls**: [`convert`](super::convert) and [`limits`](super::limits) only.
+//! **Calls**: [`super::convert`] and [`super::limits`] only.
 //!
 //! The sandbox: Luau's sandbox mode (read-only libraries and globals, a fresh global table
 //! per script) over a VM that has only `coroutine`, `table`, `string`, `utf8`, `bit32`,
