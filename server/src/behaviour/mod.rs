@@ -12,6 +12,7 @@
 //! - An `Err(BehaviourError::InvalidMessage)` from `handle` is a refusal, not a crash.
 
 pub mod builtin;
+pub mod lua;
 mod registry;
 mod typed;
 
