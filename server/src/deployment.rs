@@ -16,19 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::address::TYPE_BYTES_MAX;
-use crate::behaviour::{Behaviour, BehaviourRegistry, DeployedType, RegistryError};
+use crate::behaviour::{BehaviourCompiler, BehaviourRegistry, DeployedType, RegistryError};
 use crate::storage::{Store, StoreError};
-
-/// Turns a script into a behaviour: the script engine (Lua) implements it.
-pub trait BehaviourCompiler: Send + Sync + 'static {
-    /// The language of the scripts, e.g. `lua`.
-    fn language(&self) -> &'static str;
-
-    /// Compiles and checks `source` as version `version` of type `name`. The error says what
-    /// is wrong (and where) for the person who deployed it.
-    fn compile(&self, name: &str, version: u32, source: &str)
-        -> Result<Arc<dyn Behaviour>, String>;
-}
 
 /// Why a deployment request failed.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +240,7 @@ mod tests {
         }
     }
 
-    use crate::behaviour::{BehaviourError, ErasedState, Turn, Value};
+    use crate::behaviour::{Behaviour, BehaviourError, ErasedState, Turn, Value};
     use crate::storage::{Durability, SledStore, StoreConfig};
 
     /// A behaviour that only knows its name and version.

@@ -9,9 +9,11 @@ use statehouse_proto::v1::entity_service_server::EntityServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use crate::behaviour::lua::LuaCompiler;
+use crate::behaviour::BehaviourCompiler;
 use crate::behaviour::BehaviourRegistry;
 use crate::config::{Config, ConfigError};
-use crate::deployment::{BehaviourCompiler, DeployError, Deployments};
+use crate::deployment::{DeployError, Deployments};
 use crate::grpc::{AdminApi, EntityApi};
 use crate::shard::Shards;
 use crate::shutdown::Shutdown;
@@ -217,7 +219,7 @@ pub async fn run_until_signalled(server: Server) -> Result<(), ServerError> {
     server.run(shutdown).await
 }
 
-/// The script engine a server uses unless told otherwise.
+/// The script engine a server uses unless told otherwise: Lua (Luau), default limits.
 fn default_compiler() -> Option<Arc<dyn BehaviourCompiler>> {
-    None
+    Some(Arc::new(LuaCompiler::default()))
 }

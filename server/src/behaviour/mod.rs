@@ -17,6 +17,7 @@ mod registry;
 mod typed;
 
 use std::any::Any;
+use std::sync::Arc;
 
 use crate::address::EntityId;
 
@@ -146,4 +147,15 @@ pub trait Behaviour: Send + Sync + 'static {
     ) -> Result<Turn, BehaviourError> {
         Ok(Turn::reply(Value::Null))
     }
+}
+
+/// Turns a script into a behaviour: the script engine (Lua) implements it.
+pub trait BehaviourCompiler: Send + Sync + 'static {
+    /// The language of the scripts, e.g. `lua`.
+    fn language(&self) -> &'static str;
+
+    /// Compiles and checks `source` as version `version` of type `name`. The error says what
+    /// is wrong (and where) for the person who deployed it.
+    fn compile(&self, name: &str, version: u32, source: &str)
+        -> Result<Arc<dyn Behaviour>, String>;
 }

@@ -87,7 +87,7 @@ pub use error::LuaError;
 pub use limits::LuaLimits;
 pub use vm::{EFFECTS_PER_TURN_MAX, EVENTS_PER_TURN_MAX};
 
-use super::{Behaviour, BehaviourError, ErasedState, Turn, Value};
+use super::{Behaviour, BehaviourCompiler, BehaviourError, ErasedState, Turn, Value};
 use pool::Pool;
 use vm::{CallError, Script, Vm};
 
@@ -276,6 +276,15 @@ impl Behaviour for LuaBehaviour {
         self.handle_at(LuaMessageKind::Call, key, state, message, now_ms())
     }
 
+    fn handle_cast(
+        &self,
+        key: &str,
+        state: &ErasedState,
+        message: Value,
+    ) -> Result<Turn, BehaviourError> {
+        LuaBehaviour::handle_cast(self, key, state, message)
+    }
+
     fn handle_info(
         &self,
         key: &str,
@@ -283,6 +292,12 @@ impl Behaviour for LuaBehaviour {
         info: Value,
     ) -> Result<Turn, BehaviourError> {
         self.handle_at(LuaMessageKind::Info, key, state, info, now_ms())
+    }
+
+    /// The script's `migrate(from_version, state)` (identity without one).
+    fn migrate(&self, from_version: u32, state: Value) -> Result<ErasedState, BehaviourError> {
+        let state: ErasedState = Box::new(LuaState::Ready(state));
+        LuaBehaviour::migrate(self, from_version, &state)
     }
 
     fn apply(&self, state: &mut ErasedState, event: &Value) -> Result<(), BehaviourError> {
@@ -306,6 +321,29 @@ impl Behaviour for LuaBehaviour {
 
     fn state_from_value(&self, value: Value) -> Result<ErasedState, BehaviourError> {
         Ok(Box::new(LuaState::Ready(value)))
+    }
+}
+
+/// Compiles Lua scripts for deployment through the admin API.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LuaCompiler {
+    pub limits: LuaLimits,
+}
+
+impl BehaviourCompiler for LuaCompiler {
+    fn language(&self) -> &'static str {
+        "lua"
+    }
+
+    fn compile(
+        &self,
+        name: &str,
+        version: u32,
+        source: &str,
+    ) -> Result<Arc<dyn Behaviour>, String> {
+        LuaBehaviour::compile(name, version, source, self.limits)
+            .map(|behaviour| Arc::new(behaviour) as Arc<dyn Behaviour>)
+            .map_err(|error| error.to_string())
     }
 }
 
