@@ -11,6 +11,7 @@ use statehouse_client::{Client, Code};
 use statehouse_tests::TestServer;
 
 const CART_V1: &str = include_str!("../../server/src/behaviour/lua/examples/cart_v1.lua");
+const CART_V2: &str = include_str!("../../server/src/behaviour/lua/examples/cart_v2.lua");
 const TALLY_V1: &str = include_str!("../scripts/tally_v1.lua");
 const TALLY_V2: &str = include_str!("../scripts/tally_v2.lua");
 const ESCAPE: &str = include_str!("../scripts/escape.lua");
