@@ -83,6 +83,7 @@ async fn every_workload_reports_throughput_and_ordered_percentiles() {
             ][..],
         ),
         ("get", &["--keys", "20", "--key-prefix", "smoke-get"][..]),
+        ("lua", &["--keys", "20", "--key-prefix", "smoke-lua"][..]),
     ] {
         let mut args = vec!["bench", "--workload", workload];
         args.extend_from_slice(SMOKE);
@@ -122,6 +123,12 @@ async fn every_workload_reports_throughput_and_ordered_percentiles() {
         .await
         .expect("list the get workload's counters");
     assert_eq!(read.len(), 20, "{read:?}");
+    // `lua` deployed its counter script and drove it.
+    let lua = client
+        .list_all("bench_lua", "smoke-lua-", 0)
+        .await
+        .expect("list the lua counters");
+    assert!(!lua.is_empty() && lua.len() <= 20, "{lua:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -235,6 +242,8 @@ fn help_documents_the_workloads_and_the_report() {
         "hot",
         "kv",
         "get",
+        "lua",
+        "--pipeline",
         "p99.9",
     ] {
         assert!(help.contains(word), "{word} missing from:\n{help}");

@@ -140,7 +140,13 @@ pub enum Workload {
     Kv,
     /// `Get` RPCs of the committed state of pre-populated counters.
     Get,
+    /// Increments over `keys` counters written in Lua (type `bench_lua`, deployed by the
+    /// bench if the server does not have it).
+    Lua,
 }
+
+/// The entity type of the `lua` workload.
+pub const LUA_TYPE: &str = "bench_lua";
 
 impl Workload {
     /// The name on the command line and in reports.
@@ -150,6 +156,7 @@ impl Workload {
             Workload::Hot => "hot",
             Workload::Kv => "kv",
             Workload::Get => "get",
+            Workload::Lua => "lua",
         }
     }
 
@@ -158,6 +165,7 @@ impl Workload {
         match self {
             Workload::Incr | Workload::Hot | Workload::Get => COUNTER_TYPE,
             Workload::Kv => KV_TYPE,
+            Workload::Lua => LUA_TYPE,
         }
     }
 }

@@ -122,7 +122,7 @@ impl Plan {
                     key,
                 })
             }
-            Workload::Incr | Workload::Hot => self.incr.clone(),
+            Workload::Incr | Workload::Hot | Workload::Lua => self.incr.clone(),
             Workload::Kv => {
                 let field = rng.gen_range(0..KV_FIELDS);
                 // gen::<f64>() is in [0, 1): a ratio of 1 always reads, 0 never does.

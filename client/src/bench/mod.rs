@@ -52,7 +52,7 @@ use tokio::task::JoinSet;
 use crate::counter::COUNTER_TYPE;
 use crate::{Client, ClientError};
 
-pub use args::{BenchArgs, BenchConfig, KeyDistribution, StopAfter, Workload};
+pub use args::{BenchArgs, BenchConfig, KeyDistribution, StopAfter, Workload, LUA_TYPE};
 pub use report::BenchReport;
 
 use args::{format_duration, key_name};
@@ -134,6 +134,9 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     if config.workload == Workload::Get {
         prepopulate_counters(&client, config).await?;
     }
+    if config.workload == Workload::Lua {
+        deploy_lua_counter(&client).await?;
+    }
     let plan = Arc::new(Plan::new(config));
     let phase = |limit: Limit, seed: u64| {
         let (channels, plan) = (&channels, &plan);
@@ -155,6 +158,20 @@ pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
     };
     let (recorder, elapsed) = phase(limit, config.seed).await;
     Ok(BenchReport::new(config.clone(), &recorder, elapsed))
+}
+
+/// The script of the `lua` workload.
+pub const LUA_COUNTER_SCRIPT: &str = include_str!("lua_counter.lua");
+
+/// Deploys the `lua` workload's counter unless the server already has the type.
+async fn deploy_lua_counter(client: &Client) -> Result<(), BenchError> {
+    let deployed = client.list_behaviours().await?;
+    if !deployed.iter().any(|behaviour| behaviour.name == LUA_TYPE) {
+        client
+            .deploy_behaviour(LUA_TYPE, LUA_COUNTER_SCRIPT)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Increments every counter of the run once, `concurrency` at a time, so `get` reads
