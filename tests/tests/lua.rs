@@ -68,6 +68,13 @@ async fn a_deployed_cart_survives_sigkill_and_so_does_its_deployment() {
         .unwrap()
         .iter()
         .any(|b| b["name"] == "counter" && b["builtin"] == true));
+
+    // The README's upgrade: version 2 keeps prices in cents as a sorted list of lines.
+    assert_eq!(client.deploy_behaviour("cart", CART_V2).await.unwrap(), 2);
+    let total = call(&client, "cart", "alice", json!({"op": "total"})).await;
+    assert_eq!(total, json!({"total_cents": 325, "count": 5}));
+    let state = client.get("cart", "alice").await.unwrap().state;
+    assert_eq!(state["lines"][0], json!({"sku": "apple", "qty": 4, "unit_cents": 50}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

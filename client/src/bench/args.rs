@@ -685,7 +685,7 @@ mod tests {
     #[test]
     fn clap_refuses_what_cannot_parse() {
         assert!(parse(&[]).is_err(), "--workload is required");
-        assert!(parse(&["--workload", "lua"]).is_err());
+        assert!(parse(&["--workload", "sql"]).is_err());
         assert!(parse(&["--workload", "incr", "--duration", "10"]).is_err());
         assert!(parse(&["--workload", "incr", "--duration", "1s", "--requests", "5"]).is_err());
         assert!(parse(&["--workload", "incr", "--keys", "-1"]).is_err());
