@@ -74,7 +74,10 @@ async fn a_deployed_cart_survives_sigkill_and_so_does_its_deployment() {
     let total = call(&client, "cart", "alice", json!({"op": "total"})).await;
     assert_eq!(total, json!({"total_cents": 325, "count": 5}));
     let state = client.get("cart", "alice").await.unwrap().state;
-    assert_eq!(state["lines"][0], json!({"sku": "apple", "qty": 4, "unit_cents": 50}));
+    assert_eq!(
+        state["lines"][0],
+        json!({"sku": "apple", "qty": 4, "unit_cents": 50})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,18 +6,19 @@
 //! After `idle_timeout` without messages, on `Stop`, or after `Delete`, it leaves the shard's
 //! directory and ends; messages that raced with that are routed to a new activation.
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{
     Behaviour, BehaviourError, BehaviourRegistry, Effect, ErasedState, Turn, Value,
 };
-use crate::storage::{EntityBatch, Op, Store};
+use crate::storage::{Durable, EntityBatch, Op, Store, StoreError};
 
 use super::recovery::{self, Recovered};
 use super::{
@@ -60,6 +61,8 @@ pub struct EntityHandle {
 struct Shared {
     id: EntityId,
     committed: RwLock<Option<Committed>>,
+    /// Up to which sequence number the state is durable; closed when the activation ends.
+    durable: watch::Receiver<u64>,
 }
 
 /// The state, its sequence number, and the behaviour version that owns its representation
@@ -96,12 +99,13 @@ impl EntityHandle {
         self.mailbox.max_capacity() - self.mailbox.capacity()
     }
 
-    /// The last committed state, without waiting behind the mailbox; `None` while the entity
-    /// is still loading.
-    pub fn committed_state(&self) -> Option<Result<StateView, EntityError>> {
-        let guard = self.shared.committed.read();
-        let committed = guard.as_ref()?;
-        Some(
+    /// The last committed state, without waiting behind the mailbox (only, with output gates,
+    /// for the batch it includes to become durable). `None` while the entity is still loading
+    /// or once it ended: then read storage instead.
+    pub async fn committed_state(&self) -> Option<Result<StateView, EntityError>> {
+        let view = {
+            let guard = self.shared.committed.read();
+            let committed = guard.as_ref()?;
             committed
                 .behaviour
                 .state_to_value(&committed.state)
@@ -112,8 +116,14 @@ impl EntityHandle {
                 .map_err(|e| EntityError::Crashed {
                     entity: self.shared.id.clone(),
                     reason: e.to_string(),
-                }),
-        )
+                })
+        };
+        if let Ok(view) = &view {
+            let mut durable = self.shared.durable.clone();
+            // An error means the activation ended before its batch was durable.
+            durable.wait_for(|seq| *seq >= view.seq).await.ok()?;
+        }
+        Some(view)
     }
 }
 
@@ -122,9 +132,11 @@ impl EntityHandle {
 pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
     let generation = args.generation;
     let (mailbox, inbox) = mpsc::channel(args.config.mailbox_capacity.max(1));
+    let (durable_seq, durable) = watch::channel(0);
     let shared = Arc::new(Shared {
         id: args.id.clone(),
         committed: RwLock::new(None),
+        durable,
     });
     let process = Process {
         id: args.id,
@@ -141,6 +153,8 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         seq: 0,
         events_since_snapshot: 0,
         deleted: false,
+        pending: VecDeque::new(),
+        durable_seq,
     };
     let task = tracker.spawn(process.run()).abort_handle();
     EntityHandle {
@@ -187,6 +201,42 @@ struct Process {
     events_since_snapshot: u64,
     /// Set once `Delete` removed the entity's data: its exit is reported as a deletion.
     deleted: bool,
+    /// The output gate: turns whose answers wait for their batch to be durable, oldest first.
+    pending: VecDeque<Pending>,
+    /// The sequence number up to which this activation's events are durable (for `Get`).
+    durable_seq: watch::Sender<u64>,
+}
+
+/// The most turns an entity runs ahead of durability before it waits.
+pub const PENDING_TURNS_MAX: usize = 1024;
+
+/// A turn whose answer waits in the output gate.
+struct Pending {
+    /// Resolves when the turn's batch is durable; `None` when it wrote nothing (it still waits
+    /// behind the turns before it, whose state it may have read).
+    durable: Option<Durable>,
+    /// The entity's sequence number after the turn.
+    seq: u64,
+    reply: Option<oneshot::Sender<Result<CallReply, EntityError>>>,
+    outcome: Result<CallReply, EntityError>,
+    /// Effects run once the turn is durable.
+    effects: Vec<Effect>,
+}
+
+/// Waits until the oldest queued turn is durable.
+async fn front_durable(pending: &mut VecDeque<Pending>) -> Result<(), StoreError> {
+    match pending.front_mut().and_then(|p| p.durable.as_mut()) {
+        Some(durable) => durable.await,
+        None => Ok(()),
+    }
+}
+
+/// The reason of a crash, for the supervisor; `None` for errors that are not crashes.
+fn crash_reason(error: &EntityError) -> Option<String> {
+    match error {
+        EntityError::Crashed { reason, .. } => Some(reason.clone()),
+        _ => None,
+    }
 }
 
 impl Process {
@@ -197,18 +247,30 @@ impl Process {
             return;
         }
         loop {
-            let envelope =
-                match tokio::time::timeout(self.config.idle_timeout, self.inbox.recv()).await {
-                    Ok(Some(envelope)) => envelope,
+            tokio::select! {
+                // Answer turns as their batches become durable, before taking new messages.
+                biased;
+                durable = front_durable(&mut self.pending), if !self.pending.is_empty() => {
+                    if let Err(error) = durable {
+                        self.fail_pending(error);
+                        break;
+                    }
+                    self.finish_front();
+                }
+                envelope = self.inbox.recv(), if self.pending.len() < PENDING_TURNS_MAX => {
                     // Every sender is gone: the shard dropped this activation.
-                    Ok(None) => return,
-                    Err(_idle) if self.inbox.is_empty() => break,
-                    Err(_idle) => continue,
-                };
-            match self.handle(envelope).await {
-                Next::Continue => {}
-                Next::Passivate => break,
-                Next::Exit => return,
+                    let Some(envelope) = envelope else { return };
+                    match self.handle(envelope).await {
+                        Next::Continue => {}
+                        Next::Passivate => break,
+                        Next::Exit => return,
+                    }
+                }
+                () = tokio::time::sleep(self.config.idle_timeout), if self.pending.is_empty() => {
+                    if self.inbox.is_empty() {
+                        break;
+                    }
+                }
             }
         }
         self.passivate();
@@ -274,6 +336,10 @@ impl Process {
             self.seen_registry_generation = Some(generation);
             return Ok(());
         }
+        // The old version's turns finish, durable, before the state changes shape.
+        if !self.drain().await {
+            return Err("the journal failed".into());
+        }
         let from = self.behaviour.version();
         let migrated = {
             let guard = self.shared.committed.read();
@@ -328,49 +394,120 @@ impl Process {
                 return self.on_crash(reason).await;
             }
         }
-        let (result, next) = match envelope.request {
+        match envelope.request {
             Request::Call { message, reply } => {
-                let (result, next) = self.turn(Inbound::Message(message)).await;
-                let outcome = result.as_ref().map(drop).map_err(Clone::clone);
-                let _ = reply.send(result);
-                (outcome, next)
+                let (mut pending, crash) = self.turn(Inbound::Message(message)).await;
+                pending.reply = Some(reply);
+                self.settle(pending, crash).await
             }
             Request::Cast { message } => {
-                let (result, next) = self.turn(Inbound::Cast(message)).await;
-                if let Err(error) = &result {
-                    tracing::debug!(entity = %self.id, %error, "cast failed");
-                }
-                (result.map(drop), next)
+                let (pending, crash) = self.turn(Inbound::Cast(message)).await;
+                self.settle(pending, crash).await
             }
             Request::Info { message } => {
-                let (result, next) = self.turn(Inbound::Info(message)).await;
-                if let Err(error) = &result {
-                    tracing::debug!(entity = %self.id, %error, "info message failed");
-                }
-                (result.map(drop), next)
+                let (pending, crash) = self.turn(Inbound::Info(message)).await;
+                self.settle(pending, crash).await
             }
             Request::Stop { reply } => {
+                self.drain().await;
                 if let Some(reply) = reply {
                     let _ = reply.send(true);
                 }
-                return Next::Passivate;
+                Next::Passivate
             }
             Request::Delete { reply } => {
-                let _ = reply.send(self.delete().await);
+                let result = if self.drain().await {
+                    self.delete().await
+                } else {
+                    Err(EntityError::StorageUnavailable {
+                        entity: self.id.clone(),
+                        reason: "the journal failed".into(),
+                    })
+                };
+                let _ = reply.send(result);
+                Next::Passivate
+            }
+        }
+    }
+
+    /// Queues a turn's answer behind the turns still waiting for durability (the output
+    /// gate), answers what is ready, and handles a crash or a storage failure.
+    async fn settle(&mut self, pending: Pending, crash: Option<String>) -> Next {
+        let storage_failed = match &pending.outcome {
+            Err(EntityError::StorageUnavailable { reason, .. }) => Some(reason.clone()),
+            _ => None,
+        };
+        self.pending.push_back(pending);
+        if let Some(reason) = storage_failed {
+            self.drain().await;
+            self.host.storage_failed(&reason);
+            return Next::Passivate;
+        }
+        if let Some(reason) = crash {
+            // Everything before the crash is answered first; the restart reloads from storage,
+            // which then holds every batch this activation submitted.
+            if !self.drain().await {
                 return Next::Passivate;
             }
+            return self.on_crash(reason).await;
+        }
+        self.finish_ready();
+        self.maybe_snapshot().await;
+        Next::Continue
+    }
+
+    /// Answers the front turns that wait for nothing.
+    fn finish_ready(&mut self) {
+        while self.pending.front().is_some_and(|p| p.durable.is_none()) {
+            self.finish_front();
+        }
+    }
+
+    /// The front turn is durable: publish its sequence number, run its effects, answer it.
+    fn finish_front(&mut self) {
+        let Some(done) = self.pending.pop_front() else {
+            return;
         };
-        match result {
-            Err(EntityError::Crashed { reason, .. }) => return self.on_crash(reason).await,
-            Err(EntityError::StorageUnavailable { reason, .. }) => {
-                self.host.storage_failed(&reason)
+        self.durable_seq.send_if_modified(|durable| {
+            let advanced = done.seq > *durable;
+            *durable = (*durable).max(done.seq);
+            advanced
+        });
+        for effect in done.effects {
+            match effect {
+                Effect::Monitor(target) => self.host.monitor(&self.id, &target),
+                Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
             }
-            _ => {}
         }
-        if let Next::Continue = next {
-            self.maybe_snapshot().await;
+        if let Some(reply) = done.reply {
+            let _ = reply.send(done.outcome);
         }
-        next
+    }
+
+    /// Waits until every queued turn is durable, answering each in order. Returns false (after
+    /// failing them all) if the journal failed.
+    async fn drain(&mut self) -> bool {
+        while !self.pending.is_empty() {
+            if let Err(error) = front_durable(&mut self.pending).await {
+                self.fail_pending(error);
+                return false;
+            }
+            self.finish_front();
+        }
+        true
+    }
+
+    /// The journal failed: every queued turn is answered with the failure, which is escalated.
+    fn fail_pending(&mut self, error: StoreError) {
+        let error = EntityError::from_store(&self.id, error);
+        for pending in self.pending.drain(..) {
+            if let Some(reply) = pending.reply {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        // This activation's state is ahead of what is durable: it must not serve again.
+        *self.shared.committed.write() = None;
+        self.host.storage_failed(&error.to_string());
     }
 
     /// A turn crashed. Nothing of it was written; the shard's supervisor decides whether this
@@ -393,37 +530,57 @@ impl Process {
         }
     }
 
-    /// Runs one message: handler, commit, apply. Returns the reply and whether the entity
-    /// can go on (it cannot after a failure that leaves its in-memory state in doubt).
-    async fn turn(&mut self, inbound: Inbound) -> (Result<CallReply, EntityError>, Next) {
+    /// Runs one message: the handler, then (if it produced events) hands them to the journal
+    /// and applies them at once, so the next message sees them; the answer waits in the output
+    /// gate until the batch is durable. Returns the queued answer and, on a crash, its reason.
+    async fn turn(&mut self, inbound: Inbound) -> (Pending, Option<String>) {
         let turn = match self.run_handler(inbound) {
             Ok(turn) => turn,
-            Err(error) => return (Err(error), Next::Continue),
+            Err(error) => {
+                let crash = crash_reason(&error);
+                return (self.answered(Err(error)), crash);
+            }
         };
+        let mut durable = None;
         if !turn.events.is_empty() {
-            if let Err(error) = self.commit_events(&turn.events).await {
-                // The journal may or may not hold the batch; reload from storage to find out.
-                return (Err(error), Next::Passivate);
+            match self.submit_events(&turn.events).await {
+                Ok(submitted) => durable = Some(submitted),
+                Err(error) => {
+                    let crash = crash_reason(&error);
+                    return (self.answered(Err(error)), crash);
+                }
             }
             if let Err(error) = self.apply_committed(&turn.events) {
-                // A crash: the restart reloads the committed events from storage.
-                return (Err(error), Next::Continue);
+                // A crash: the restart reloads the events from storage once they are durable.
+                let crash = crash_reason(&error);
+                let mut pending = self.answered(Err(error));
+                pending.durable = durable;
+                return (pending, crash);
             }
         }
-        // Effects run only once the turn is durable.
-        for effect in turn.effects {
-            match effect {
-                Effect::Monitor(target) => self.host.monitor(&self.id, &target),
-                Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
-            }
+        let outcome = Ok(CallReply {
+            reply: turn.reply,
+            seq: self.seq,
+        });
+        let pending = Pending {
+            durable,
+            seq: self.seq,
+            reply: None,
+            outcome,
+            effects: turn.effects,
+        };
+        (pending, None)
+    }
+
+    /// A queued answer that waits for nothing of its own.
+    fn answered(&self, outcome: Result<CallReply, EntityError>) -> Pending {
+        Pending {
+            durable: None,
+            seq: self.seq,
+            reply: None,
+            outcome,
+            effects: Vec::new(),
         }
-        (
-            Ok(CallReply {
-                reply: turn.reply,
-                seq: self.seq,
-            }),
-            Next::Continue,
-        )
     }
 
     /// Calls the behaviour's handler against the committed state, turning a panic into a crash.
@@ -452,7 +609,7 @@ impl Process {
     }
 
     /// Writes the turn's events as one journal batch and waits until it is durable.
-    async fn commit_events(&mut self, events: &[Value]) -> Result<(), EntityError> {
+    async fn submit_events(&mut self, events: &[Value]) -> Result<Durable, EntityError> {
         let version = self.behaviour.version();
         let ops = events
             .iter()
@@ -465,7 +622,7 @@ impl Process {
                 })
             })
             .collect::<Result<Vec<_>, EntityError>>()?;
-        self.commit(ops).await
+        self.submit(ops).await
     }
 
     /// Folds committed events into the state; the same `apply` replay uses.
@@ -505,29 +662,49 @@ impl Process {
         if every == 0 || self.events_since_snapshot < every {
             return;
         }
-        if let Err(error) = self.write_snapshot().await {
-            tracing::warn!(entity = %self.id, %error, "snapshot failed");
+        let op = match self.snapshot_op() {
+            Ok(op) => op,
+            Err(error) => {
+                tracing::warn!(entity = %self.id, %error, "snapshot skipped");
+                return;
+            }
+        };
+        // Queued like a turn: the journal keeps it after the events it covers.
+        match self.submit(vec![op]).await {
+            Ok(durable) => {
+                self.events_since_snapshot = 0;
+                let mut pending = self.answered(Ok(CallReply {
+                    reply: Value::Null,
+                    seq: self.seq,
+                }));
+                pending.durable = Some(durable);
+                self.pending.push_back(pending);
+            }
+            Err(error) => tracing::warn!(entity = %self.id, %error, "snapshot failed"),
         }
+    }
+
+    /// A snapshot of the current state under the current version.
+    fn snapshot_op(&self) -> Result<Op, EntityError> {
+        let guard = self.shared.committed.read();
+        let Some(committed) = guard.as_ref() else {
+            return Err(self.crashed("the entity has no state loaded".into()));
+        };
+        let payload = committed
+            .behaviour
+            .state_to_value(&committed.state)
+            .map_err(|e| self.crashed(e.to_string()))
+            .and_then(|value| codec::encode(&self.id, &value))?;
+        Ok(Op::Snapshot {
+            seq: self.seq,
+            behaviour_version: self.behaviour.version(),
+            payload,
+        })
     }
 
     /// Commits a snapshot of the current state under the current version.
     async fn write_snapshot(&mut self) -> Result<(), EntityError> {
-        let payload = {
-            let guard = self.shared.committed.read();
-            let Some(committed) = guard.as_ref() else {
-                return Err(self.crashed("the entity has no state loaded".into()));
-            };
-            committed
-                .behaviour
-                .state_to_value(&committed.state)
-                .map_err(|e| self.crashed(e.to_string()))
-                .and_then(|value| codec::encode(&self.id, &value))?
-        };
-        let op = Op::Snapshot {
-            seq: self.seq,
-            behaviour_version: self.behaviour.version(),
-            payload,
-        };
+        let op = self.snapshot_op()?;
         self.commit(vec![op]).await?;
         self.events_since_snapshot = 0;
         Ok(())
@@ -542,6 +719,18 @@ impl Process {
         *self.shared.committed.write() = None;
         self.deleted = true;
         Ok(existed)
+    }
+
+    async fn submit(&self, ops: Vec<Op>) -> Result<Durable, EntityError> {
+        let batch = EntityBatch {
+            shard: self.shard,
+            entity: self.id.clone(),
+            ops,
+        };
+        self.store
+            .submit(batch)
+            .await
+            .map_err(|e| EntityError::from_store(&self.id, e))
     }
 
     async fn commit(&self, ops: Vec<Op>) -> Result<(), EntityError> {

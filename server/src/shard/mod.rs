@@ -124,10 +124,12 @@ impl Shards {
     /// entity is read from storage without being activated.
     pub async fn get(&self, id: EntityId) -> Result<(StateView, bool), EntityError> {
         let (shard, behaviour) = self.locate(&id)?;
-        if let Some(view) = shard
-            .active(&id)
-            .and_then(|handle| handle.committed_state())
-        {
+        let active = shard.active(&id);
+        let view = match active {
+            Some(handle) => handle.committed_state().await,
+            None => None,
+        };
+        if let Some(view) = view {
             let view = view?;
             if view.seq == 0 {
                 return Err(EntityError::NotFound(id));

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::behaviour::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Value};
 use crate::shutdown::Shutdown;
-use crate::storage::{EntityBatch, LoadedEntity, Op, StoreError, StoredRecord};
+use crate::storage::{Durable, EntityBatch, LoadedEntity, Op, StoreError, StoredRecord};
 use crate::supervisor::RestartPolicy;
 
 /// A `Store` held in memory, for tests of the layers above storage only.
@@ -38,50 +38,22 @@ impl Store for MemoryStore {
         4
     }
 
-    async fn commit(&self, batch: EntityBatch) -> Result<(), StoreError> {
-        if let Some(gate) = &self.gate {
+    async fn submit(&self, batch: EntityBatch) -> Result<Durable, StoreError> {
+        // Applied at once; durability resolves only once the gate (if any) lets it through.
+        let gate = self.gate.clone();
+        if gate.is_some() {
             self.gated.fetch_add(1, Ordering::SeqCst);
-            gate.acquire()
-                .await
-                .map_err(|_| StoreError::Closed)?
-                .forget();
         }
-        if self.fail_commits.load(Ordering::SeqCst) {
-            return Err(StoreError::JournalFailed("injected fault".into()));
-        }
-        self.commits.fetch_add(1, Ordering::SeqCst);
-        let mut entities = self.entities.lock();
-        for op in batch.ops {
-            let entity = entities.entry(batch.entity.clone()).or_default();
-            match op {
-                Op::Event {
-                    seq,
-                    behaviour_version,
-                    payload,
-                } => entity.events.push(StoredRecord {
-                    seq,
-                    behaviour_version,
-                    payload,
-                }),
-                Op::Snapshot {
-                    seq,
-                    behaviour_version,
-                    payload,
-                } => {
-                    self.snapshots.fetch_add(1, Ordering::SeqCst);
-                    entity.events.retain(|e| e.seq > seq);
-                    entity.snapshot = Some(StoredRecord {
-                        seq,
-                        behaviour_version,
-                        payload,
-                    });
-                }
-                Op::Delete => {
-                    entities.remove(&batch.entity);
-                }
+        let result = self.apply_batch(batch);
+        Ok(Durable::new(async move {
+            if let Some(gate) = gate {
+                gate.acquire()
+                    .await
+                    .map_err(|_| StoreError::Closed)?
+                    .forget();
             }
-        }
-        Ok(())
+            result
+        }))
     }
 
     async fn load(&self, _shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
@@ -129,6 +101,47 @@ impl Store for MemoryStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    fn apply_batch(&self, batch: EntityBatch) -> Result<(), StoreError> {
+        if self.fail_commits.load(Ordering::SeqCst) {
+            return Err(StoreError::JournalFailed("injected fault".into()));
+        }
+        self.commits.fetch_add(1, Ordering::SeqCst);
+        let mut entities = self.entities.lock();
+        for op in batch.ops {
+            let entity = entities.entry(batch.entity.clone()).or_default();
+            match op {
+                Op::Event {
+                    seq,
+                    behaviour_version,
+                    payload,
+                } => entity.events.push(StoredRecord {
+                    seq,
+                    behaviour_version,
+                    payload,
+                }),
+                Op::Snapshot {
+                    seq,
+                    behaviour_version,
+                    payload,
+                } => {
+                    self.snapshots.fetch_add(1, Ordering::SeqCst);
+                    entity.events.retain(|e| e.seq > seq);
+                    entity.snapshot = Some(StoredRecord {
+                        seq,
+                        behaviour_version,
+                        payload,
+                    });
+                }
+                Op::Delete => {
+                    entities.remove(&batch.entity);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -317,7 +330,8 @@ async fn a_full_mailbox_is_refused_at_once() {
             ..config()
         },
     ));
-    // The first message is taken and blocks in commit; two more fill the mailbox.
+    // The first message is taken and waits for durability; casts sent without yielding to
+    // the entity's task then fill the mailbox.
     let first = tokio::spawn({
         let shards = shards.clone();
         async move { shards.call(counter("a"), json!({"op": "incr"}), None).await }
@@ -937,4 +951,52 @@ async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation
     registry.activate("shape", 2).unwrap();
     let reply = shards.call(live, json!({}), None).await.unwrap().reply;
     assert_eq!(reply, json!({"version": 2, "value": 4}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_gates_run_turns_ahead_but_hold_every_reply_until_durable() {
+    let gate = Arc::new(Semaphore::new(0));
+    let store = Arc::new(MemoryStore {
+        gate: Some(gate.clone()),
+        ..MemoryStore::default()
+    });
+    let shards = Arc::new(shards_on(store.clone(), config()));
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let shards = shards.clone();
+        calls.push(tokio::spawn(async move {
+            shards
+                .call(counter("hot"), json!({"op": "incr"}), None)
+                .await
+        }));
+        // One at a time into the mailbox, so the replies' order is the send order.
+        let submitted = calls.len();
+        eventually("the turn is handed to the journal", || {
+            store.gated.load(Ordering::SeqCst) == submitted
+        })
+        .await;
+    }
+    // Five turns ran while none was durable; nobody has an answer yet, and `Get` waits too.
+    assert!(calls.iter().all(|call| !call.is_finished()));
+    let read = tokio::spawn({
+        let shards = shards.clone();
+        async move { shards.get(counter("hot")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(
+        !read.is_finished(),
+        "Get must not show state that is not durable"
+    );
+    gate.add_permits(5);
+    let mut values = Vec::new();
+    for call in calls {
+        values.push(
+            call.await.unwrap().unwrap().reply["value"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(values, [1, 2, 3, 4, 5]);
+    let (view, _) = read.await.unwrap().unwrap();
+    assert_eq!(view.state, json!({"value": 5}));
 }

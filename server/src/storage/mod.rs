@@ -43,7 +43,10 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -197,15 +200,51 @@ pub enum StoreError {
     InvalidInput(String),
 }
 
+/// A submitted batch: resolves once it is durable. Dropping it does not cancel the commit.
+pub struct Durable(Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + Sync>>);
+
+impl Durable {
+    /// Wraps the future that completes when the batch is durable.
+    pub fn new(done: impl Future<Output = Result<(), StoreError>> + Send + Sync + 'static) -> Self {
+        Durable(Box::pin(done))
+    }
+
+    /// A batch that is already durable (or failed already).
+    pub fn ready(result: Result<(), StoreError>) -> Self {
+        Durable::new(std::future::ready(result))
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<(), StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Durable")
+    }
+}
+
 /// The engine's view of durable storage. Tests inject faults through it.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The number of shards of this data dir, fixed when it was created.
     fn shard_count(&self) -> u32;
 
-    /// Makes the batch durable (per the configured [`Durability`]) and applies it to the
-    /// state store. Batches are durable in the order `commit` was called.
-    async fn commit(&self, batch: EntityBatch) -> Result<(), StoreError>;
+    /// Hands the batch to the journal and returns at once with a [`Durable`] that resolves
+    /// when the batch is durable (per the configured [`Durability`]) and applied to the state
+    /// store. Batches become durable in the order `submit` was called, so when one resolves
+    /// every batch submitted before it has too. Waits only for room among pending commits.
+    async fn submit(&self, batch: EntityBatch) -> Result<Durable, StoreError>;
+
+    /// Submits the batch and waits until it is durable.
+    async fn commit(&self, batch: EntityBatch) -> Result<(), StoreError> {
+        self.submit(batch).await?.await
+    }
 
     /// Reads an entity's last snapshot and the events after it, verifying every checksum.
     async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError>;

@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use async_trait::async_trait;
+
+use super::Durable;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, Semaphore};
 
@@ -259,7 +261,7 @@ impl Store for SledStore {
         self.shared.state.shard_count()
     }
 
-    async fn commit(&self, batch: EntityBatch) -> Result<(), StoreError> {
+    async fn submit(&self, batch: EntityBatch) -> Result<Durable, StoreError> {
         self.check_open()?;
         self.shared.state.shard(batch.shard)?;
         check_entity(&batch.entity)?;
@@ -295,9 +297,13 @@ impl Store for SledStore {
                     StoreError::JournalFailed("the journal writer thread has stopped".into())
                 })?;
         }
-        answer.await.map_err(|_| {
-            StoreError::JournalFailed("the journal writer thread stopped before answering".into())
-        })?
+        Ok(Durable::new(async move {
+            answer.await.map_err(|_| {
+                StoreError::JournalFailed(
+                    "the journal writer thread stopped before answering".into(),
+                )
+            })?
+        }))
     }
 
     async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
