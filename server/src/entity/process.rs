@@ -50,7 +50,7 @@ pub struct StateView {
 /// The shard's handle on an active entity: its mailbox and a view of its committed state.
 #[derive(Clone)]
 pub struct EntityHandle {
-    mailbox: mpsc::Sender<Envelope>,
+    mailbox: mpsc::Sender<Box<Envelope>>,
     task: tokio::task::AbortHandle,
     generation: u64,
     shared: Arc<Shared>,
@@ -76,12 +76,24 @@ struct Committed {
 impl EntityHandle {
     /// Puts a message in the mailbox without waiting; a full mailbox is an error.
     pub fn try_send(&self, envelope: Envelope) -> Result<(), mpsc::error::TrySendError<Envelope>> {
-        self.mailbox.try_send(envelope)
+        self.mailbox
+            .try_send(Box::new(envelope))
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(envelope) => {
+                    mpsc::error::TrySendError::Full(*envelope)
+                }
+                mpsc::error::TrySendError::Closed(envelope) => {
+                    mpsc::error::TrySendError::Closed(*envelope)
+                }
+            })
     }
 
     /// Puts a message in the mailbox, waiting for room.
     pub async fn send(&self, envelope: Envelope) -> Result<(), mpsc::error::SendError<Envelope>> {
-        self.mailbox.send(envelope).await
+        self.mailbox
+            .send(Box::new(envelope))
+            .await
+            .map_err(|mpsc::error::SendError(envelope)| mpsc::error::SendError(*envelope))
     }
 
     /// Ends the entity's task at its next await, dropping its mailbox (a supervisor's kill).
@@ -195,7 +207,7 @@ struct Process {
     host: Arc<dyn EntityHost>,
     config: Arc<EntityConfig>,
     shared: Arc<Shared>,
-    inbox: mpsc::Receiver<Envelope>,
+    inbox: mpsc::Receiver<Box<Envelope>>,
     /// Sequence number of the last committed event.
     seq: u64,
     events_since_snapshot: u64,
@@ -241,9 +253,9 @@ fn crash_reason(error: &EntityError) -> Option<String> {
 
 impl Process {
     async fn run(mut self) {
-        if let Err(error) = self.activate().await {
+        if let Err(error) = Box::pin(self.activate()).await {
             tracing::warn!(entity = %self.id, %error, "activation failed");
-            self.fail_activation(error).await;
+            Box::pin(self.fail_activation(error)).await;
             return;
         }
         loop {
@@ -260,7 +272,8 @@ impl Process {
                 envelope = self.inbox.recv(), if self.pending.len() < PENDING_TURNS_MAX => {
                     // Every sender is gone: the shard dropped this activation.
                     let Some(envelope) = envelope else { return };
-                    match self.handle(envelope).await {
+                    // Boxed: the idle task stays small (a turn's state machine is ~1 KiB).
+                    match Box::pin(self.handle(*envelope)).await {
                         Next::Continue => {}
                         Next::Passivate => break,
                         Next::Exit => return,
@@ -314,7 +327,7 @@ impl Process {
             self.seen_registry_generation = None;
         } else if let (Some(from), true) = (migrated_from, seq > 0) {
             tracing::info!(entity = %self.id, from, to = self.behaviour.version(), "migrated at activation");
-            self.write_snapshot().await?;
+            Box::pin(self.write_snapshot()).await?;
         }
         Ok(())
     }
@@ -388,10 +401,10 @@ impl Process {
             Request::Call { .. } | Request::Cast { .. } | Request::Info { .. }
         );
         if turn {
-            if let Err(reason) = self.upgrade_if_deployed().await {
+            if let Err(reason) = Box::pin(self.upgrade_if_deployed()).await {
                 let reason = format!("upgrade to the active version failed: {reason}");
                 envelope.fail(self.crashed(reason.clone()));
-                return self.on_crash(reason).await;
+                return Box::pin(self.on_crash(reason)).await;
             }
         }
         match envelope.request {
@@ -417,7 +430,7 @@ impl Process {
             }
             Request::Delete { reply } => {
                 let result = if self.drain().await {
-                    self.delete().await
+                    Box::pin(self.delete()).await
                 } else {
                     Err(EntityError::StorageUnavailable {
                         entity: self.id.clone(),
@@ -449,7 +462,7 @@ impl Process {
             if !self.drain().await {
                 return Next::Passivate;
             }
-            return self.on_crash(reason).await;
+            return Box::pin(self.on_crash(reason)).await;
         }
         self.finish_ready();
         self.maybe_snapshot().await;
@@ -515,10 +528,10 @@ impl Process {
     async fn on_crash(&mut self, reason: String) -> Next {
         tracing::warn!(entity = %self.id, %reason, "entity crashed");
         match self.host.crashed(&self.id, self.generation, &reason) {
-            CrashVerdict::Restart => match self.activate().await {
+            CrashVerdict::Restart => match Box::pin(self.activate()).await {
                 Ok(()) => Next::Continue,
                 Err(error) => {
-                    self.fail_activation(error).await;
+                    Box::pin(self.fail_activation(error)).await;
                     Next::Exit
                 }
             },
@@ -754,7 +767,7 @@ impl Process {
         };
         self.host.exited(&self.id, self.generation, exit);
         self.inbox.close();
-        while let Ok(envelope) = self.inbox.try_recv() {
+        while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             self.host
                 .reroute(self.id.clone(), self.behaviour.clone(), envelope);
         }
@@ -765,7 +778,7 @@ impl Process {
     async fn fail_activation(&mut self, error: EntityError) {
         self.host.deregister(&self.id, self.generation);
         self.inbox.close();
-        while let Ok(envelope) = self.inbox.try_recv() {
+        while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             match envelope.request {
                 Request::Delete { reply } => {
                     let result = self.commit(vec![Op::Delete]).await.map(|()| true);
@@ -780,7 +793,7 @@ impl Process {
     fn refuse_remaining(&mut self, error: EntityError) {
         self.host.deregister(&self.id, self.generation);
         self.inbox.close();
-        while let Ok(envelope) = self.inbox.try_recv() {
+        while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             envelope.fail(error.clone());
         }
     }
