@@ -24,6 +24,7 @@ use tonic::{Code, Request};
 use crate::admin::{BehaviourInfo, TreeNode};
 use crate::error::{error_chain, ClientError};
 use crate::pipeline::{PipelineReceiver, PipelineSender, PIPELINE_SEND_BUFFER};
+use crate::watch::Watch;
 use crate::{Counter, Kv, Register};
 
 /// The longest [`Client::connect`] waits for the TCP (and HTTP/2) connection.
@@ -271,6 +272,25 @@ impl Client {
     }
 
     /// Wraps a message in a request carrying this client's deadline.
+    /// Watches an entity's committed turns: from now (its current state first), or after
+    /// `from_seq` (catching up from storage). See [`crate::watch`].
+    pub async fn watch(
+        &self,
+        entity_type: &str,
+        key: &str,
+        from_seq: Option<u64>,
+    ) -> Result<Watch, ClientError> {
+        let request = statehouse_proto::v1::WatchRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+            from_seq,
+        };
+        let mut inner = self.inner.clone();
+        // A watch runs until ended: no deadline on the stream.
+        let updates = inner.watch(Request::new(request)).await?.into_inner();
+        Ok(Watch::new(updates))
+    }
+
     /// Opens a `Pipeline` stream: many calls in flight on one stream (see [`crate::pipeline`]).
     pub async fn pipeline(&self) -> Result<(PipelineSender, PipelineReceiver), ClientError> {
         let (requests, outbound) = tokio::sync::mpsc::channel(PIPELINE_SEND_BUFFER);

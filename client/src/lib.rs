@@ -23,6 +23,7 @@
 //! - [`client`]: [`Client`], the connection and the six `EntityService` calls on JSON values.
 //! - [`admin`]: the supervision tree as [`admin::TreeNode`], and its rendering for people.
 //! - [`pipeline`]: many calls in flight on one `Pipeline` stream.
+//! - [`watch`]: a stream of an entity's committed turns.
 //! - [`error`]: [`ClientError`], which keeps the gRPC code and message of every failure.
 //! - [`counter`], [`register`], [`kv`]: typed handles on the built-in behaviours, and the
 //!   parsers of their replies.
@@ -41,6 +42,7 @@ pub mod kv;
 pub mod pipeline;
 pub mod register;
 mod reply;
+pub mod watch;
 
 pub use client::{CallOutcome, Client, EntityState, ListPage};
 pub use counter::Counter;

@@ -75,6 +75,17 @@ enum Command {
         /// The entity key.
         key: String,
     },
+    /// Watch an entity's committed turns, one JSON line each, until interrupted or ended.
+    Watch {
+        /// The entity type.
+        #[arg(value_name = "TYPE")]
+        entity_type: String,
+        /// The entity key.
+        key: String,
+        /// Start after this sequence number, catching up from storage (default: from now).
+        #[arg(long)]
+        from: Option<u64>,
+    },
     /// Print the supervision tree: root, storage, shards and their active or quarantined
     /// entities, with states, restart counts, mailbox lengths and last crash reasons.
     Tree {
@@ -210,6 +221,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Delete { entity_type, key } => {
             let client = server.connect().await?;
             json!({"existed": client.delete(&entity_type, &key).await?})
+        }
+        Command::Watch {
+            entity_type,
+            key,
+            from,
+        } => {
+            let client = server.connect().await?;
+            let mut watch = client.watch(&entity_type, &key, from).await?;
+            let mut stdout = std::io::stdout().lock();
+            while let Some(update) = watch.next().await {
+                let line = serde_json::to_string(&update?)
+                    .map_err(|e| Failure::Output(std::io::Error::other(e)))?;
+                writeln!(stdout, "{line}").map_err(Failure::Output)?;
+                stdout.flush().map_err(Failure::Output)?;
+            }
+            return Ok(());
         }
         Command::Tree { json, entities } => {
             let client = server.connect().await?;

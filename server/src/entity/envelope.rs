@@ -15,6 +15,24 @@ pub struct CallReply {
     pub seq: u64,
 }
 
+/// One committed turn as watchers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchedTurn {
+    /// The entity's sequence number after the turn.
+    pub seq: u64,
+    pub events: Vec<Value>,
+    pub state: Value,
+}
+
+/// A new watcher's starting point and its feed of later turns.
+#[derive(Debug)]
+pub struct Subscription {
+    /// The durable state when the subscription started, and its sequence number.
+    pub seq: u64,
+    pub state: Value,
+    pub feed: tokio::sync::broadcast::Receiver<std::sync::Arc<WatchedTurn>>,
+}
+
 /// One request to an entity.
 #[derive(Debug)]
 pub enum Request {
@@ -27,6 +45,11 @@ pub enum Request {
     Cast { message: Value },
     /// An info message (OTP's `handle_info`), such as a monitor's `DOWN`; no reply.
     Info { message: Value },
+    /// Subscribe to the entity's committed turns: once everything before is durable, the
+    /// reply carries the subscription and the state it starts from.
+    Watch {
+        reply: oneshot::Sender<Result<Subscription, EntityError>>,
+    },
     /// Passivate. The reply says the entity was active (it always is, if it receives this).
     Stop {
         reply: Option<oneshot::Sender<bool>>,
@@ -59,6 +82,9 @@ impl Envelope {
                 let _ = reply.send(false);
             }
             Request::Stop { reply: None } => {}
+            Request::Watch { reply } => {
+                let _ = reply.send(Err(error));
+            }
             Request::Cast { .. } => tracing::debug!(%error, "cast dropped"),
             Request::Info { .. } => tracing::debug!(%error, "info message dropped"),
         }

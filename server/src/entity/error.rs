@@ -44,6 +44,26 @@ pub enum EntityError {
     StorageUnavailable { entity: EntityId, reason: String },
     #[error("storage failed for {entity}: {reason}")]
     Storage { entity: EntityId, reason: String },
+    #[error("the watcher of {entity} fell behind by {missed} turns; resubscribe with from_seq = {resume_from}")]
+    WatchLagged {
+        entity: EntityId,
+        missed: u64,
+        resume_from: u64,
+    },
+    #[error("the watch of {entity} ended: {reason}; resubscribe with from_seq = {resume_from}")]
+    WatchEnded {
+        entity: EntityId,
+        reason: String,
+        resume_from: u64,
+    },
+    #[error(
+        "from_seq {from_seq} is ahead of {entity}, whose last committed sequence number is {seq}"
+    )]
+    WatchAhead {
+        entity: EntityId,
+        from_seq: u64,
+        seq: u64,
+    },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("the deadline passed before {0} replied")]

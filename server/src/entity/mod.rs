@@ -23,7 +23,7 @@ pub mod recovery;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use envelope::{CallReply, Envelope, Request};
+pub use envelope::{CallReply, Envelope, Request, Subscription, WatchedTurn};
 pub use error::EntityError;
 pub use process::{spawn, EntityHandle, SpawnArgs, StateView};
 

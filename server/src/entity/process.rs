@@ -11,7 +11,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
@@ -23,6 +23,7 @@ use crate::storage::{Durable, EntityBatch, Op, Store, StoreError};
 use super::recovery::{self, Recovered};
 use super::{
     codec, CallReply, CrashVerdict, EntityConfig, EntityError, EntityHost, Envelope, Exit, Request,
+    Subscription, WatchedTurn,
 };
 
 /// Everything a new activation needs.
@@ -167,6 +168,7 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         deleted: false,
         pending: VecDeque::new(),
         durable_seq,
+        watchers: None,
     };
     let task = tracker.spawn(process.run()).abort_handle();
     EntityHandle {
@@ -217,7 +219,12 @@ struct Process {
     pending: VecDeque<Pending>,
     /// The sequence number up to which this activation's events are durable (for `Get`).
     durable_seq: watch::Sender<u64>,
+    /// Watchers' feed, made on the first `Watch` (a broadcast channel allocates its ring).
+    watchers: Option<broadcast::Sender<Arc<WatchedTurn>>>,
 }
+
+/// Turns a watcher may fall behind before it is ended with "resubscribe from N".
+pub const WATCH_LAG_MAX: usize = 1024;
 
 /// The most turns an entity runs ahead of durability before it waits.
 pub const PENDING_TURNS_MAX: usize = 1024;
@@ -233,6 +240,8 @@ struct Pending {
     outcome: Result<CallReply, EntityError>,
     /// Effects run once the turn is durable.
     effects: Vec<Effect>,
+    /// What watchers are told once the turn is durable (only while there are watchers).
+    watched: Option<Arc<WatchedTurn>>,
 }
 
 /// Waits until the oldest queued turn is durable.
@@ -280,7 +289,7 @@ impl Process {
                     }
                 }
                 () = tokio::time::sleep(self.config.idle_timeout), if self.pending.is_empty() => {
-                    if self.inbox.is_empty() {
+                    if self.inbox.is_empty() && !self.watched() {
                         break;
                     }
                 }
@@ -421,6 +430,11 @@ impl Process {
                 let (pending, crash) = self.turn(Inbound::Info(message)).await;
                 self.settle(pending, crash).await
             }
+            Request::Watch { reply } => {
+                let subscribed = self.subscribe().await;
+                let _ = reply.send(subscribed);
+                Next::Continue
+            }
             Request::Stop { reply } => {
                 self.drain().await;
                 if let Some(reply) = reply {
@@ -491,6 +505,10 @@ impl Process {
                 Effect::Monitor(target) => self.host.monitor(&self.id, &target),
                 Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
             }
+        }
+        if let (Some(item), Some(watchers)) = (done.watched, &self.watchers) {
+            // No receiver left is no error: the feed is simply unused.
+            let _ = watchers.send(item);
         }
         if let Some(reply) = done.reply {
             let _ = reply.send(done.outcome);
@@ -575,12 +593,19 @@ impl Process {
             reply: turn.reply,
             seq: self.seq,
         });
+        let watched = match &self.watchers {
+            Some(watchers) if watchers.receiver_count() > 0 && !turn.events.is_empty() => {
+                self.watch_item(turn.events)
+            }
+            _ => None,
+        };
         let pending = Pending {
             durable,
             seq: self.seq,
             reply: None,
             outcome,
             effects: turn.effects,
+            watched,
         };
         (pending, None)
     }
@@ -593,7 +618,56 @@ impl Process {
             reply: None,
             outcome,
             effects: Vec::new(),
+            watched: None,
         }
+    }
+
+    /// The turn as watchers will see it: its events and the state after it.
+    fn watch_item(&self, events: Vec<Value>) -> Option<Arc<WatchedTurn>> {
+        let guard = self.shared.committed.read();
+        let committed = guard.as_ref()?;
+        let state = committed.behaviour.state_to_value(&committed.state).ok()?;
+        Some(Arc::new(WatchedTurn {
+            seq: committed.seq,
+            events,
+            state,
+        }))
+    }
+
+    /// Subscribes a watcher once everything before is durable.
+    async fn subscribe(&mut self) -> Result<Subscription, EntityError> {
+        if !self.drain().await {
+            return Err(EntityError::StorageUnavailable {
+                entity: self.id.clone(),
+                reason: "the journal failed".into(),
+            });
+        }
+        let state = {
+            let guard = self.shared.committed.read();
+            let committed = guard
+                .as_ref()
+                .ok_or_else(|| self.crashed("the entity has no state loaded".into()))?;
+            committed
+                .behaviour
+                .state_to_value(&committed.state)
+                .map_err(|e| self.crashed(e.to_string()))?
+        };
+        let feed = self
+            .watchers
+            .get_or_insert_with(|| broadcast::channel(WATCH_LAG_MAX).0)
+            .subscribe();
+        Ok(Subscription {
+            seq: self.seq,
+            state,
+            feed,
+        })
+    }
+
+    /// Whether anyone watches this entity (it then stays active when idle).
+    fn watched(&self) -> bool {
+        self.watchers
+            .as_ref()
+            .is_some_and(|w| w.receiver_count() > 0)
     }
 
     /// Calls the behaviour's handler against the committed state, turning a panic into a crash.

@@ -7,7 +7,7 @@ use statehouse_proto::v1::entity_service_server::EntityService;
 use statehouse_proto::v1::{
     CallRequest, CallResponse, CastRequest, CastResponse, DeleteRequest, DeleteResponse,
     GetRequest, GetResponse, ListRequest, ListResponse, PipelineRequest, PipelineResponse,
-    StopRequest, StopResponse,
+    StopRequest, StopResponse, WatchEvent, WatchRequest,
 };
 use statehouse_proto::value::{json_to_proto, proto_to_json};
 use std::pin::Pin;
@@ -15,7 +15,7 @@ use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use tokio::time::Instant;
@@ -45,6 +45,9 @@ fn address(entity_type: String, key: String) -> EntityId {
 /// Calls in flight on one `Pipeline` stream, at most: past it the server stops reading the
 /// stream until some complete (back-pressure through HTTP/2 flow control).
 pub const PIPELINE_IN_FLIGHT_MAX: usize = 4096;
+
+/// The response stream of `Watch`.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
 
 /// The response stream of `Pipeline`.
 pub type PipelineStream = Pin<Box<dyn Stream<Item = Result<PipelineResponse, Status>> + Send>>;
@@ -91,6 +94,24 @@ fn message(value: Option<prost_types::Value>) -> Result<Value, Status> {
 #[tonic::async_trait]
 impl EntityService for EntityApi {
     type PipelineStream = PipelineStream;
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let request = request.into_inner();
+        let feed = self
+            .shards
+            .watch(address(request.r#type, request.key), request.from_seq)
+            .await?;
+        let stream = ReceiverStream::new(feed).map(|message| {
+            message.map_err(Status::from).map(|message| WatchEvent {
+                seq: message.seq,
+                events: message.events.into_iter().map(json_to_proto).collect(),
+                state: message.state.map(json_to_proto),
+                note: message.note.unwrap_or_default(),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn pipeline(
         &self,

@@ -14,7 +14,11 @@ pub fn code_of(error: &EntityError) -> Code {
         | EntityError::InvalidMessage { .. }
         | EntityError::InvalidPageToken(_) => Code::InvalidArgument,
         EntityError::UnknownType { .. } | EntityError::NotFound(_) => Code::NotFound,
-        EntityError::MailboxFull { .. } => Code::ResourceExhausted,
+        EntityError::MailboxFull { .. } | EntityError::WatchLagged { .. } => {
+            Code::ResourceExhausted
+        }
+        EntityError::WatchEnded { .. } => Code::Unavailable,
+        EntityError::WatchAhead { .. } => Code::InvalidArgument,
         EntityError::Crashed { .. } => Code::Aborted,
         EntityError::Quarantined { .. } => Code::FailedPrecondition,
         EntityError::ShardRestarting { .. } => Code::Unavailable,

@@ -17,14 +17,16 @@ pub mod hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
 use crate::config::SupervisionConfig;
-use crate::entity::{recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView};
+use crate::entity::{
+    codec, recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView,
+};
 use crate::storage::Store;
 use crate::supervisor::{NodeKind, RootSupervisor, TreeNode};
 
@@ -33,6 +35,20 @@ use directory::{Shard, ShardContext};
 /// The default and largest page sizes of `list`.
 pub const LIST_PAGE_SIZE_DEFAULT: usize = 100;
 pub const LIST_PAGE_SIZE_MAX: usize = 1000;
+
+/// Messages buffered per watcher before its feed waits (the entity never does: a watcher
+/// that stays behind is ended with "resubscribe from N").
+pub const WATCH_BUFFER: usize = 64;
+
+/// One message of a watch feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchMessage {
+    pub seq: u64,
+    pub events: Vec<Value>,
+    /// The state after `seq`; `None` for events replayed from storage.
+    pub state: Option<Value>,
+    pub note: Option<String>,
+}
 
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +177,132 @@ impl Shards {
             },
             false,
         ))
+    }
+
+    /// Watches the entity's committed turns (activating it): first its state — or, from
+    /// `from_seq`, the events after it that storage still holds — then each turn as it
+    /// becomes durable. The feed ends with an error saying where to resubscribe from.
+    pub async fn watch(
+        &self,
+        id: EntityId,
+        from_seq: Option<u64>,
+    ) -> Result<mpsc::Receiver<Result<WatchMessage, EntityError>>, EntityError> {
+        let (reply, answer) = oneshot::channel();
+        self.route(
+            &id,
+            Envelope {
+                request: Request::Watch { reply },
+                deadline: None,
+            },
+        )?;
+        let subscription = answer
+            .await
+            .unwrap_or_else(|_| Err(stopped_before_reply(&id)))?;
+        let mut first = Vec::new();
+        match from_seq {
+            None => first.push(WatchMessage {
+                seq: subscription.seq,
+                events: Vec::new(),
+                state: Some(subscription.state),
+                note: None,
+            }),
+            Some(from) if from > subscription.seq => {
+                return Err(EntityError::WatchAhead {
+                    entity: id,
+                    from_seq: from,
+                    seq: subscription.seq,
+                });
+            }
+            Some(from) => first.extend(self.catch_up(&id, from, subscription.seq).await?),
+        }
+        let (sender, feed) = mpsc::channel(WATCH_BUFFER);
+        let start = subscription.seq;
+        let mut live = subscription.feed;
+        tokio::spawn(async move {
+            let mut last = from_seq
+                .unwrap_or(start)
+                .max(first.last().map_or(0, |m| m.seq));
+            for message in first {
+                if sender.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            last = last.max(start);
+            loop {
+                let ended = match live.recv().await {
+                    Ok(turn) if turn.seq <= last => continue,
+                    Ok(turn) => {
+                        last = turn.seq;
+                        let message = WatchMessage {
+                            seq: turn.seq,
+                            events: turn.events.clone(),
+                            state: Some(turn.state.clone()),
+                            note: None,
+                        };
+                        if sender.send(Ok(message)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => EntityError::WatchLagged {
+                        entity: id.clone(),
+                        missed,
+                        resume_from: last,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => EntityError::WatchEnded {
+                        entity: id.clone(),
+                        reason: "the entity stopped".into(),
+                        resume_from: last,
+                    },
+                };
+                let _ = sender.send(Err(ended)).await;
+                return;
+            }
+        });
+        Ok(feed)
+    }
+
+    /// The events after `from` up to `until` that storage holds, preceded by the snapshot's
+    /// state when older events were compacted into it.
+    async fn catch_up(
+        &self,
+        id: &EntityId,
+        from: u64,
+        until: u64,
+    ) -> Result<Vec<WatchMessage>, EntityError> {
+        let loaded = self
+            .context
+            .store
+            .load(self.shard_index(id), id)
+            .await
+            .map_err(|e| EntityError::from_store(id, e))?;
+        let mut messages = Vec::new();
+        if let Some(snapshot) = loaded.snapshot.filter(|snapshot| snapshot.seq > from) {
+            let what = format!("snapshot at seq {}", snapshot.seq);
+            messages.push(WatchMessage {
+                seq: snapshot.seq,
+                events: Vec::new(),
+                state: Some(codec::decode(id, &what, &snapshot.payload)?),
+                note: Some(format!(
+                    "events up to {} were compacted into a snapshot; starting from its state",
+                    snapshot.seq
+                )),
+            });
+        }
+        for event in loaded
+            .events
+            .into_iter()
+            .filter(|e| e.seq > from && e.seq <= until)
+        {
+            let what = format!("event {}", event.seq);
+            messages.push(WatchMessage {
+                seq: event.seq,
+                events: vec![codec::decode(id, &what, &event.payload)?],
+                state: None,
+                note: None,
+            });
+        }
+        Ok(messages)
     }
 
     /// Passivates the entity if it is active; returns whether it was.
