@@ -22,7 +22,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::address::{EntityId, TYPE_BYTES_MAX};
 
 use super::apply::plan;
-use super::checkpoint::{checkpoint, run_checkpointer, CheckpointRequest};
+use super::checkpoint::{run_checkpointer, CheckpointRequest};
 use super::fsync::{io_error, sled_error, sync_dir};
 use super::journal::frame::{body_len, encode_frame, FRAME_BODY_BYTES_MAX};
 use super::journal::segment::{journal_dir, OpenSegment};
@@ -103,8 +103,12 @@ impl SledStore {
             checkpoint_requested: AtomicBool::new(false),
             counters: Counters::default(),
         });
-        // Everything replayed is in sled now; make it durable and drop the old segments.
-        checkpoint(&shared)?;
+        // Everything replayed is in sled now. The checkpoint that makes it durable and drops
+        // the replayed segments runs in the background (below): a large replay can leave a lot
+        // of sled to flush, and the journal keeps every replayed frame until it is done.
+        let replayed_any = recovery.frames_replayed > 0
+            || !recovery.torn_tails.is_empty()
+            || !recovery.corrupt_entities.is_empty();
 
         let (checkpoint_requests, checkpoint_queue) = mpsc::channel();
         let checkpointer = {
@@ -115,6 +119,11 @@ impl SledStore {
                 .spawn(move || run_checkpointer(shared, checkpoint_queue, interval))
                 .map_err(|e| io_error("starting the checkpoint thread", e))?
         };
+
+        if replayed_any {
+            // A checkpointer that is gone would have failed to start above.
+            let _ = checkpoint_requests.send(CheckpointRequest::JournalBytes);
+        }
 
         let (submissions, queue) = mpsc::channel();
         let request = checkpoint_requests.clone();

@@ -287,8 +287,11 @@ async fn replay_after_a_crash_recovers_everything_committed() {
         recovered.list("counter", "", None, 100).await.unwrap(),
         store.list("counter", "", None, 100).await.unwrap()
     );
-    // The start-up checkpoint covered the replay: only the new segment is left.
-    assert_eq!(segment_paths(&copy).unwrap().len(), 1);
+    // The start-up checkpoint runs in the background; once done only the new segment is left.
+    wait_for("the start-up checkpoint", || {
+        segment_paths(&copy).unwrap().len() == 1
+    })
+    .await;
     recovered.close().await.unwrap();
     store.close().await.unwrap();
 }
