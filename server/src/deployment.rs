@@ -240,34 +240,9 @@ mod tests {
         }
     }
 
-    use crate::behaviour::{Behaviour, BehaviourError, ErasedState, Turn, Value};
+    use crate::behaviour::stub::Stub;
+    use crate::behaviour::Behaviour;
     use crate::storage::{Durability, SledStore, StoreConfig};
-
-    /// A behaviour that only knows its name and version.
-    struct Named(String, u32);
-    impl Behaviour for Named {
-        fn type_name(&self) -> &str {
-            &self.0
-        }
-        fn version(&self) -> u32 {
-            self.1
-        }
-        fn initial_state(&self, _: &str) -> ErasedState {
-            Box::new(())
-        }
-        fn handle(&self, _: &str, _: &ErasedState, _: Value) -> Result<Turn, BehaviourError> {
-            Ok(Turn::reply(Value::Null))
-        }
-        fn apply(&self, _: &mut ErasedState, _: &Value) -> Result<(), BehaviourError> {
-            Ok(())
-        }
-        fn state_to_value(&self, _: &ErasedState) -> Result<Value, BehaviourError> {
-            Ok(Value::Null)
-        }
-        fn state_from_value(&self, _: Value) -> Result<ErasedState, BehaviourError> {
-            Ok(Box::new(()))
-        }
-    }
 
     /// Compiles any source except one saying "bad".
     struct TestCompiler;
@@ -284,7 +259,7 @@ mod tests {
             if source.contains("bad") {
                 return Err("line 1: bad script".into());
             }
-            Ok(Arc::new(Named(name.to_owned(), version)))
+            Ok(Arc::new(Stub::new(name, version)))
         }
     }
 

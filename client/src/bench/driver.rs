@@ -200,9 +200,19 @@ pub async fn run_phase(
             rng,
         ));
     }
-    while let Some(joined) = slots.join_next().await {
+    finish_phase(slots, recorder, started).await
+}
+
+/// Waits for every task of a phase, then hands back what they recorded and how long the
+/// phase took.
+async fn finish_phase(
+    mut tasks: JoinSet<()>,
+    recorder: Arc<Mutex<Recorder>>,
+    started: Instant,
+) -> (Recorder, Duration) {
+    while let Some(joined) = tasks.join_next().await {
         if let Err(err) = joined {
-            // A slot only ends by returning; a panic there is a bug to surface as is.
+            // A task only ends by returning; a panic there is a bug to surface as is.
             if err.is_panic() {
                 std::panic::resume_unwind(err.into_panic());
             }
@@ -213,8 +223,8 @@ pub async fn run_phase(
         Ok(recorder) => recorder
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner),
-        // Every slot has ended, so no other reference is left.
-        Err(_) => unreachable!("a slot outlived its phase"),
+        // Every task has ended, so no other reference is left.
+        Err(_) => unreachable!("a task outlived its phase"),
     };
     (recorder, elapsed)
 }
@@ -246,21 +256,7 @@ pub async fn run_phase_pipelined(
             in_flight,
         ));
     }
-    while let Some(joined) = streams.join_next().await {
-        if let Err(err) = joined {
-            if err.is_panic() {
-                std::panic::resume_unwind(err.into_panic());
-            }
-        }
-    }
-    let elapsed = started.elapsed();
-    let recorder = match Arc::try_unwrap(recorder) {
-        Ok(recorder) => recorder
-            .into_inner()
-            .unwrap_or_else(PoisonError::into_inner),
-        Err(_) => unreachable!("a stream outlived its phase"),
-    };
-    (recorder, elapsed)
+    finish_phase(streams, recorder, started).await
 }
 
 /// One `Pipeline` stream keeping `in_flight` calls outstanding until the limit says stop.

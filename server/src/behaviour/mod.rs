@@ -14,6 +14,8 @@
 pub mod builtin;
 pub mod lua;
 mod registry;
+#[cfg(test)]
+pub(crate) mod stub;
 mod typed;
 
 use std::any::Any;

@@ -219,7 +219,7 @@ impl BehaviourRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::behaviour::{BehaviourError, ErasedState, Turn, Value};
+    use crate::behaviour::stub::Stub;
 
     #[test]
     fn builtins_are_registered_once_each() {
@@ -238,37 +238,16 @@ mod tests {
         );
     }
 
-    struct Versioned(u32);
-    impl Behaviour for Versioned {
-        fn type_name(&self) -> &str {
-            "script"
-        }
-        fn version(&self) -> u32 {
-            self.0
-        }
-        fn initial_state(&self, _key: &str) -> ErasedState {
-            Box::new(())
-        }
-        fn handle(&self, _: &str, _: &ErasedState, _: Value) -> Result<Turn, BehaviourError> {
-            Ok(Turn::reply(Value::Null))
-        }
-        fn apply(&self, _: &mut ErasedState, _: &Value) -> Result<(), BehaviourError> {
-            Ok(())
-        }
-        fn state_to_value(&self, _: &ErasedState) -> Result<Value, BehaviourError> {
-            Ok(Value::Null)
-        }
-        fn state_from_value(&self, _: Value) -> Result<ErasedState, BehaviourError> {
-            Ok(Box::new(()))
-        }
+    fn versioned(version: u32) -> Arc<dyn Behaviour> {
+        Arc::new(Stub::new("script", version))
     }
 
     #[test]
     fn deployed_versions_stay_available_and_one_is_active() {
         let registry = BehaviourRegistry::with_builtins();
         let before = registry.generation();
-        registry.install(Arc::new(Versioned(1)), 10, true).unwrap();
-        registry.install(Arc::new(Versioned(2)), 20, true).unwrap();
+        registry.install(versioned(1), 10, true).unwrap();
+        registry.install(versioned(2), 20, true).unwrap();
         assert_eq!(registry.get("script").map(|b| b.version()), Some(2));
         assert_eq!(registry.version("script", 1).map(|b| b.version()), Some(1));
         assert_eq!(registry.latest_version("script"), 2);
