@@ -15,7 +15,7 @@
 //!   by zeros a crash left); otherwise the entity gets an `x` marker and its later frames in
 //!   this replay are skipped (applying them to state missing a batch would be wrong).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
@@ -135,9 +135,19 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
             }
         }
 
+        let mut batch = ReplayBatch::default();
         for frame in &scanned.frames {
-            replay_frame(state, &path, &bytes, frame, &mut skipped, &mut report)?;
+            replay_frame(
+                state,
+                &path,
+                &bytes,
+                frame,
+                &mut skipped,
+                &mut report,
+                &mut batch,
+            )?;
         }
+        batch.flush(state)?;
 
         if let Some(offset) = cut_at {
             truncate(&path, offset)?;
@@ -155,6 +165,7 @@ fn replay_frame(
     frame: &ScannedFrame,
     skipped: &mut HashSet<(u32, EntityId)>,
     report: &mut RecoveryReport,
+    batch: &mut ReplayBatch,
 ) -> Result<(), StoreError> {
     let head = &frame.head;
     if head.shard >= state.shard_count() {
@@ -182,7 +193,7 @@ fn replay_frame(
         match body.map(decode_body) {
             Some(Ok(ops)) => {
                 let writes = plan(&head.entity, &ops);
-                apply_writes(state, head.shard, &writes)?;
+                batch.stage(state, head.shard, &writes)?;
                 report.frames_replayed += 1;
                 return Ok(());
             }
@@ -204,7 +215,7 @@ fn replay_frame(
     tracing::error!(entity = %head.entity, shard = head.shard, detail = problem, "entity marked corrupt");
     // Staged like any write, so a later batch (there is none: the entity is skipped from now
     // on) could never reorder with it.
-    apply_writes(
+    batch.stage(
         state,
         head.shard,
         &[SledOp::Put {
@@ -219,16 +230,44 @@ fn replay_frame(
     Ok(())
 }
 
-fn apply_writes(state: &State, shard: u32, writes: &[SledOp]) -> Result<(), StoreError> {
-    let shard_state = state.shard(shard)?;
-    let mut staged = StagedWrites::new();
-    staged
-        .stage(&shard_state.tree, writes)
-        .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))?;
-    let _applying = shard_state.apply_lock.write();
-    staged
-        .apply(&shard_state.tree)
-        .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))
+/// Frames staged together before they are applied: one sled batch per shard for many frames
+/// makes replay several times faster than a batch per frame. Staging reads the tree and what is
+/// staged before it, so the order of writes within a shard is kept.
+#[derive(Default)]
+struct ReplayBatch {
+    staged: BTreeMap<u32, StagedWrites>,
+    frames: usize,
+}
+
+/// Frames staged before the batch is applied.
+const REPLAY_BATCH_FRAMES: usize = 4096;
+
+impl ReplayBatch {
+    fn stage(&mut self, state: &State, shard: u32, writes: &[SledOp]) -> Result<(), StoreError> {
+        let shard_state = state.shard(shard)?;
+        self.staged
+            .entry(shard)
+            .or_insert_with(StagedWrites::new)
+            .stage(&shard_state.tree, writes)
+            .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))?;
+        self.frames += 1;
+        if self.frames >= REPLAY_BATCH_FRAMES {
+            self.flush(state)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, state: &State) -> Result<(), StoreError> {
+        for (shard, staged) in std::mem::take(&mut self.staged) {
+            let shard_state = state.shard(shard)?;
+            let _applying = shard_state.apply_lock.write();
+            staged
+                .apply(&shard_state.tree)
+                .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))?;
+        }
+        self.frames = 0;
+        Ok(())
+    }
 }
 
 fn truncate(path: &Path, offset: u64) -> Result<(), StoreError> {
