@@ -644,9 +644,7 @@ impl Process {
         }
         let state = {
             let guard = self.shared.committed.read();
-            let committed = guard
-                .as_ref()
-                .ok_or_else(|| self.crashed("the entity has no state loaded".into()))?;
+            let committed = guard.as_ref().ok_or_else(|| self.no_state())?;
             committed
                 .behaviour
                 .state_to_value(&committed.state)
@@ -674,7 +672,7 @@ impl Process {
     fn run_handler(&self, inbound: Inbound) -> Result<Turn, EntityError> {
         let guard = self.shared.committed.read();
         let Some(committed) = guard.as_ref() else {
-            return Err(self.crashed("the entity has no state loaded".into()));
+            return Err(self.no_state());
         };
         let key = &self.id.key;
         let outcome = catch_unwind(AssertUnwindSafe(|| match inbound {
@@ -716,7 +714,7 @@ impl Process {
     fn apply_committed(&mut self, events: &[Value]) -> Result<(), EntityError> {
         let mut guard = self.shared.committed.write();
         let Some(committed) = guard.as_mut() else {
-            return Err(self.crashed("the entity has no state loaded".into()));
+            return Err(self.no_state());
         };
         for event in events {
             let applied = catch_unwind(AssertUnwindSafe(|| {
@@ -775,7 +773,7 @@ impl Process {
     fn snapshot_op(&self) -> Result<Op, EntityError> {
         let guard = self.shared.committed.read();
         let Some(committed) = guard.as_ref() else {
-            return Err(self.crashed("the entity has no state loaded".into()));
+            return Err(self.no_state());
         };
         let payload = committed
             .behaviour
@@ -870,6 +868,11 @@ impl Process {
         while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             envelope.fail(error.clone());
         }
+    }
+
+    /// The crash of a turn that found no loaded state (after a failed `apply` forgot it).
+    fn no_state(&self) -> EntityError {
+        self.crashed("the entity has no state loaded".into())
     }
 
     fn crashed(&self, reason: String) -> EntityError {

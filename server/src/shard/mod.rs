@@ -61,7 +61,6 @@ pub struct ListPage {
 /// Every shard of the server, and the operations on entities.
 pub struct Shards {
     shards: Vec<Arc<Shard>>,
-    registry: Arc<BehaviourRegistry>,
     context: Arc<ShardContext>,
 }
 
@@ -79,7 +78,7 @@ impl Shards {
             config: Arc::new(config),
             supervision,
             root,
-            registry: registry.clone(),
+            registry,
             shards: OnceLock::new(),
             tracker: TaskTracker::new(),
             closing: AtomicBool::new(false),
@@ -92,11 +91,7 @@ impl Shards {
         let _ = context
             .shards
             .set(shards.iter().map(Arc::downgrade).collect());
-        Shards {
-            shards,
-            registry,
-            context,
-        }
+        Shards { shards, context }
     }
 
     /// Sends a message and waits for the reply, which comes once the turn is durable.
@@ -161,7 +156,7 @@ impl Shards {
         if !loaded.exists() {
             return Err(EntityError::NotFound(id));
         }
-        let versions = |version: u32| self.registry.version(&id.entity_type, version);
+        let versions = |version: u32| self.context.registry.version(&id.entity_type, version);
         let recovered = recovery::recover(&behaviour, &versions, &id, loaded)?;
         let state = recovered
             .behaviour
@@ -465,11 +460,12 @@ impl Shards {
     }
 
     fn behaviour(&self, entity_type: &str) -> Result<Arc<dyn Behaviour>, EntityError> {
-        self.registry
+        self.context
+            .registry
             .get(entity_type)
             .ok_or_else(|| EntityError::UnknownType {
                 name: entity_type.to_owned(),
-                known: self.registry.type_names().join(", "),
+                known: self.context.registry.type_names().join(", "),
             })
     }
 }

@@ -22,7 +22,6 @@ use crate::shutdown::Shutdown;
 /// The root of the supervision tree.
 pub struct RootSupervisor {
     core: Mutex<SupervisorCore>,
-    restarts: Mutex<u64>,
     intensity: Intensity,
     shutdown: Shutdown,
     gave_up: OnceLock<String>,
@@ -48,7 +47,6 @@ impl RootSupervisor {
                 intensity,
                 children(shard_count),
             )),
-            restarts: Mutex::new(0),
             intensity,
             shutdown,
             gave_up: OnceLock::new(),
@@ -80,10 +78,7 @@ impl RootSupervisor {
                 ));
                 false
             }
-            Decision::Restart { .. } | Decision::Ignore { .. } => {
-                *self.restarts.lock() += 1;
-                true
-            }
+            Decision::Restart { .. } | Decision::Ignore { .. } => true,
         }
     }
 
@@ -102,6 +97,7 @@ impl RootSupervisor {
     /// The root as a tree node over `children`.
     pub fn tree(&self, children: Vec<TreeNode>) -> TreeNode {
         let now = Instant::now();
+        let core = self.core.lock();
         TreeNode {
             name: "root".into(),
             kind: NodeKind::Supervisor,
@@ -112,8 +108,8 @@ impl RootSupervisor {
                 "running"
             }
             .into(),
-            restarts: *self.restarts.lock(),
-            restarts_in_window: self.core.lock().restarts_in_window(now) as u32,
+            restarts: core.restarts_total(),
+            restarts_in_window: core.restarts_in_window(now) as u32,
             mailbox_len: None,
             last_crash: self.gave_up().map(str::to_owned),
             children,
