@@ -53,7 +53,11 @@ impl Turn {
     }
 }
 
-/// Something a turn asks the engine to do once its events are durable.
+/// Something a turn asks the engine to do besides replying and committing events.
+///
+/// Durable effects (timers, sends, requests) are written in the same atomic journal batch as
+/// the turn's events: after a crash either the turn and its effects are recovered, or neither.
+/// They take effect once that batch is durable. Monitors are not durable (see [`Effect::Monitor`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Watch another entity: when it crashes, stops, is deleted or is quarantined, this entity
@@ -62,6 +66,89 @@ pub enum Effect {
     Monitor(EntityId),
     /// Stop watching.
     Demonitor(EntityId),
+    /// Sets the entity's timer `name` (replacing a pending timer of that name). When it is due
+    /// the entity receives the info message [`timer_message`]; a timer due while the server
+    /// was down fires at recovery. Names are 1 to [`TIMER_NAME_BYTES_MAX`] bytes.
+    SetTimer {
+        name: String,
+        due: TimerDue,
+        payload: Value,
+    },
+    /// Cancels the entity's pending timer `name`; nothing happens if there is none.
+    CancelTimer { name: String },
+    /// Sends `message` to another entity, which handles it as a cast (its reply is dropped).
+    /// Delivered after the turn is durable, retried until the target takes it, and applied by
+    /// the target exactly once, across crashes of either side.
+    Send { to: EntityId, message: Value },
+    /// Asks another entity: it handles `message` as a call, and its reply comes back to this
+    /// entity later as the info message [`reply_message`] carrying `tag`. Never blocks the turn,
+    /// so two entities asking each other cannot deadlock. Exactly once, like [`Effect::Send`].
+    Request {
+        to: EntityId,
+        message: Value,
+        tag: Value,
+    },
+}
+
+/// When a timer is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerDue {
+    /// This many milliseconds after the turn that sets it.
+    AfterMs(u64),
+    /// At this wall-clock time, in milliseconds since the Unix epoch.
+    AtUnixMs(u64),
+}
+
+impl TimerDue {
+    /// The due time in Unix milliseconds, for a turn running at `now_ms`.
+    pub fn at(self, now_ms: u64) -> u64 {
+        match self {
+            TimerDue::AfterMs(ms) => now_ms.saturating_add(ms),
+            TimerDue::AtUnixMs(at) => at,
+        }
+    }
+}
+
+/// The longest timer name, in bytes.
+pub const TIMER_NAME_BYTES_MAX: usize = 256;
+
+/// The current wall-clock time in milliseconds since the Unix epoch: what timers are due
+/// against, and what behaviours that measure time (leases, rate limiters) read in their
+/// handlers. Handlers are never replayed (only their events are), so reading the clock there
+/// keeps recovery deterministic as long as the time a decision used is recorded in its event.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The info message a due timer delivers:
+/// `{"info": "timer", "name": N, "payload": P, "due_ms": D}` (`due_ms` in Unix milliseconds).
+pub fn timer_message(name: &str, payload: Value, due_ms: u64) -> Value {
+    serde_json::json!({
+        "info": "timer",
+        "name": name,
+        "payload": payload,
+        "due_ms": due_ms,
+    })
+}
+
+/// The info message that answers an [`Effect::Request`]:
+/// `{"info": "reply", "tag": T, "from": {"type": .., "key": ..}, "reply": R}` when the target
+/// replied, or with `"error": {"code": C, "message": M}` instead of `"reply"` when it refused
+/// or could not take the request (`code` is the gRPC code name in snake case, e.g.
+/// `invalid_argument`, `not_found`, `aborted`).
+pub fn reply_message(from: &EntityId, tag: Value, outcome: Result<Value, (&str, &str)>) -> Value {
+    let from = serde_json::json!({"type": from.entity_type, "key": from.key});
+    match outcome {
+        Ok(reply) => serde_json::json!({"info": "reply", "tag": tag, "from": from, "reply": reply}),
+        Err((code, message)) => serde_json::json!({
+            "info": "reply",
+            "tag": tag,
+            "from": from,
+            "error": {"code": code, "message": message},
+        }),
+    }
 }
 
 /// The info message a monitor delivers:
@@ -139,7 +226,8 @@ pub trait Behaviour: Send + Sync + 'static {
         self.state_from_value(state)
     }
 
-    /// Handles an info message (OTP's `handle_info`): a monitor's `DOWN`, and later timers.
+    /// Handles an info message (OTP's `handle_info`): a monitor's `DOWN`, a due timer, the
+    /// reply to a request.
     /// The default ignores it.
     fn handle_info(
         &self,

@@ -504,6 +504,11 @@ impl Process {
             match effect {
                 Effect::Monitor(target) => self.host.monitor(&self.id, &target),
                 Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
+                // Durable effects travel in the turn's batch, not here.
+                Effect::SetTimer { .. }
+                | Effect::CancelTimer { .. }
+                | Effect::Send { .. }
+                | Effect::Request { .. } => {}
             }
         }
         if let (Some(item), Some(watchers)) = (done.watched, &self.watchers) {
