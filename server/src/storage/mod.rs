@@ -109,9 +109,90 @@ pub enum Op {
         behaviour_version: u32,
         payload: Vec<u8>,
     },
-    /// Removes every record of the entity (snapshot, events, markers). Sequence numbers of a
-    /// later incarnation start again at 1.
+    /// Removes every record of the entity (snapshot, events, markers, and every
+    /// [`RecordKind`] record). Sequence numbers of a later incarnation start again at 1.
+    /// Timer index entries are not under the entity's keys: the entity removes them with
+    /// [`Op::RemoveTimerDue`] in the same batch.
     Delete,
+    /// Puts (or replaces) the entity's record `name` of `kind`.
+    PutRecord {
+        kind: RecordKind,
+        name: Vec<u8>,
+        value: Vec<u8>,
+    },
+    /// Removes the entity's record `name` of `kind`, if there is one.
+    RemoveRecord { kind: RecordKind, name: Vec<u8> },
+    /// Puts the entry `(due_ms, entity, name)` in the shard's time-ordered timer index.
+    PutTimerDue { due_ms: u64, name: Vec<u8> },
+    /// Removes the entry `(due_ms, entity, name)` from the shard's timer index.
+    RemoveTimerDue { due_ms: u64, name: Vec<u8> },
+}
+
+/// Kinds of per-entity records besides snapshots and events (DESIGN §4). Each kind is one
+/// contiguous key range per entity, records named by opaque bytes (at most
+/// [`RECORD_NAME_BYTES_MAX`]); values are opaque to the store and checksummed like events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RecordKind {
+    /// `d`: the stored reply of a client request id (idempotency).
+    Dedup,
+    /// `u`: a pending timer (due time and payload), by timer name.
+    Timer,
+    /// `i`: a message accepted into the entity's durable inbox, by inbox sequence number.
+    Inbox,
+    /// `r`: per sender entity, the last message sequence number accepted from it.
+    Receipt,
+    /// `p`: per target entity, the last message sequence number sent to it.
+    SendSeq,
+    /// `o`: a message sent to another entity that it has not yet accepted.
+    Outbox,
+    /// `l`: a dead letter, by id.
+    DeadLetter,
+}
+
+impl RecordKind {
+    /// Every kind, in key order of their kind bytes.
+    pub const ALL: [RecordKind; 7] = [
+        RecordKind::Dedup,
+        RecordKind::Inbox,
+        RecordKind::DeadLetter,
+        RecordKind::Outbox,
+        RecordKind::SendSeq,
+        RecordKind::Receipt,
+        RecordKind::Timer,
+    ];
+
+    /// The kinds an activation loads with the entity's state ([`LoadedEntity::records`]).
+    /// The others are read one by one ([`Store::record`]) or scanned ([`Store::scan_records`]).
+    pub const LOADED: [RecordKind; 3] = [RecordKind::Dedup, RecordKind::Timer, RecordKind::Inbox];
+}
+
+/// The longest record name, in bytes.
+pub const RECORD_NAME_BYTES_MAX: usize = 2048;
+
+/// One record of a [`RecordKind`], as stored (checksum verified).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    pub kind: RecordKind,
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// One entry of a shard's timer index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueTimer {
+    pub due_ms: u64,
+    pub entity: EntityId,
+    pub name: Vec<u8>,
+}
+
+/// A page of due timers and what comes after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueTimers {
+    /// Entries with `due_ms <= up_to_ms`, in index order (due time, then entity, then name).
+    pub due: Vec<DueTimer>,
+    /// The due time of the first entry after the page that is not yet due, if the page was
+    /// not cut by the limit and there is one.
+    pub next_due_ms: Option<u64>,
 }
 
 /// The atomic unit of durability: the operations one turn of one entity produced.
@@ -137,6 +218,8 @@ pub struct StoredRecord {
 pub struct LoadedEntity {
     pub snapshot: Option<StoredRecord>,
     pub events: Vec<StoredRecord>,
+    /// The entity's records of the kinds in [`RecordKind::LOADED`], by kind then name.
+    pub records: Vec<StoredEntry>,
 }
 
 impl LoadedEntity {
@@ -258,6 +341,43 @@ pub trait Store: Send + Sync + 'static {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
+
+    /// The entity's record `name` of `kind`, if there is one (checksum verified).
+    async fn record(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+        name: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every record of `kind` of the entity, in name order.
+    async fn entity_records(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+    ) -> Result<Vec<StoredEntry>, StoreError>;
+
+    /// Records of `kind` of every entity of the shard, in key order (entity type, key, then
+    /// name), strictly after `(entity, name)` when `after` is given, at most `limit`.
+    async fn scan_records(
+        &self,
+        shard: u32,
+        kind: RecordKind,
+        after: Option<(EntityId, Vec<u8>)>,
+        limit: usize,
+    ) -> Result<Vec<(EntityId, StoredEntry)>, StoreError>;
+
+    /// Entries of the shard's timer index due at or before `up_to_ms`, in index order,
+    /// strictly after `after` when given, at most `limit`.
+    async fn due_timers(
+        &self,
+        shard: u32,
+        after: Option<DueTimer>,
+        up_to_ms: u64,
+        limit: usize,
+    ) -> Result<DueTimers, StoreError>;
 
     /// Durably stores a server-wide record (e.g. a deployed behaviour) under `key`, replacing
     /// any earlier one. Returns once the record survives a power cut. Rare and small: not for
