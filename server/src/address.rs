@@ -11,7 +11,9 @@ pub const TYPE_BYTES_MAX: usize = 128;
 pub const KEY_BYTES_MAX: usize = 1024;
 
 /// Addresses one entity: its behaviour type and its key within that type.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct EntityId {
     /// The behaviour type, e.g. `counter`.
     pub entity_type: String,

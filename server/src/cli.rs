@@ -50,6 +50,12 @@ pub struct Flags {
     /// Messages an entity's mailbox holds before RESOURCE_EXHAUSTED [default: 1024].
     #[arg(long, value_name = "N")]
     mailbox_capacity: Option<usize>,
+    /// How long a request id's reply is kept for retries [default: 3600000].
+    #[arg(long, value_name = "MS")]
+    dedup_window_ms: Option<u64>,
+    /// Crashes after which a durable message becomes a dead letter [default: 3].
+    #[arg(long, value_name = "N")]
+    dead_letter_after_crashes: Option<u32>,
     /// Checkpoint at least this often [default: 5000].
     #[arg(long, value_name = "MS")]
     checkpoint_interval_ms: Option<u64>,
@@ -93,6 +99,11 @@ impl Flags {
         );
         set(&mut config.idle_timeout_ms, self.idle_timeout_ms);
         set(&mut config.mailbox_capacity, self.mailbox_capacity);
+        set(&mut config.dedup_window_ms, self.dedup_window_ms);
+        set(
+            &mut config.dead_letter_after_crashes,
+            self.dead_letter_after_crashes,
+        );
         set(
             &mut config.checkpoint_interval_ms,
             self.checkpoint_interval_ms,

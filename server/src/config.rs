@@ -39,6 +39,14 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// Messages an entity's mailbox holds before `RESOURCE_EXHAUSTED`.
     pub mailbox_capacity: usize,
+    /// How long the reply of a request id is kept, so a retry gets it instead of running again.
+    pub dedup_window_ms: u64,
+    /// At most this many stored replies per entity; the oldest are forgotten first.
+    pub dedup_per_entity_max: usize,
+    /// A durable message (timer, message from an entity, durable cast) that crashed its
+    /// entity this many times becomes a dead letter instead of running again. Keep it at or
+    /// below the type's `max_restarts`, so it is dead-lettered before the entity is quarantined.
+    pub dead_letter_after_crashes: u32,
     /// Checkpoint (flush sled, trim the journal) at least this often.
     pub checkpoint_interval_ms: u64,
     /// …and whenever this many journal bytes were written since the last checkpoint.
@@ -176,6 +184,9 @@ impl Default for Config {
             snapshot_every_events: 1000,
             idle_timeout_ms: 60_000,
             mailbox_capacity: 1024,
+            dedup_window_ms: 3_600_000,
+            dedup_per_entity_max: 256,
+            dead_letter_after_crashes: 3,
             checkpoint_interval_ms: 5_000,
             checkpoint_journal_bytes: 256 << 20,
             journal_segment_bytes: 64 << 20,
@@ -240,6 +251,20 @@ impl Config {
             return invalid(
                 "mailbox_capacity",
                 &self.mailbox_capacity,
+                "must be at least 1",
+            );
+        }
+        if self.dedup_per_entity_max == 0 {
+            return invalid(
+                "dedup_per_entity_max",
+                &self.dedup_per_entity_max,
+                "must be at least 1",
+            );
+        }
+        if self.dead_letter_after_crashes == 0 {
+            return invalid(
+                "dead_letter_after_crashes",
+                &self.dead_letter_after_crashes,
                 "must be at least 1",
             );
         }
@@ -318,6 +343,9 @@ impl Config {
             idle_timeout: Duration::from_millis(self.idle_timeout_ms),
             snapshot_every_events: self.snapshot_every_events,
             mailbox_capacity: self.mailbox_capacity,
+            dedup_window: Duration::from_millis(self.dedup_window_ms),
+            dedup_per_entity_max: self.dedup_per_entity_max,
+            dead_letter_after_crashes: self.dead_letter_after_crashes,
         }
     }
 }

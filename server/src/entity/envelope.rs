@@ -3,8 +3,10 @@
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::address::EntityId;
 use crate::behaviour::Value;
 
+use super::records::OutboxMessage;
 use super::EntityError;
 
 /// The answer to a `Call`.
@@ -13,6 +15,22 @@ pub struct CallReply {
     pub reply: Value,
     /// The entity's sequence number after the turn: the count of events it has committed.
     pub seq: u64,
+    /// The reply is the stored one of an earlier request with the same request id: the
+    /// handler did not run again.
+    pub deduplicated: bool,
+}
+
+/// How the target of a message from another entity answered its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryAck {
+    /// Handled now, durably: the sender may forget it.
+    Accepted,
+    /// Handled before (a retry): the sender may forget it.
+    Duplicate,
+    /// It crashed the target too often and is now a dead letter there: the sender may forget it.
+    DeadLettered,
+    /// An earlier message of the same sender has not been accepted yet; send that first.
+    Gap { expected: u64 },
 }
 
 /// One committed turn as watchers see it.
@@ -37,12 +55,39 @@ pub struct Subscription {
 #[derive(Debug)]
 pub enum Request {
     /// Handle the message and reply once the turn is durable.
+    /// With a request id, a retry gets the stored reply of the committed turn instead.
     Call {
         message: Value,
+        request_id: Option<String>,
         reply: oneshot::Sender<Result<CallReply, EntityError>>,
     },
     /// Handle the message; nobody waits for a reply.
-    Cast { message: Value },
+    Cast {
+        message: Value,
+        request_id: Option<String>,
+    },
+    /// Accept the message into the durable inbox (the reply, once that is durable, says
+    /// whether the request id was seen before), then handle it as a cast.
+    DurableCast {
+        message: Value,
+        request_id: Option<String>,
+        reply: oneshot::Sender<Result<bool, EntityError>>,
+    },
+    /// The timer `name` due at `due_ms` is due (ignored if it is no longer pending so).
+    Timer { name: String, due_ms: u64 },
+    /// A message from another entity, delivered exactly once.
+    Deliver {
+        from: EntityId,
+        message: OutboxMessage,
+        reply: oneshot::Sender<Result<DeliveryAck, EntityError>>,
+    },
+    /// Nothing but activation: the entity loads, and handles what its durable inbox holds.
+    Wake,
+    /// Put dead letter `id` back into the durable inbox; the reply says whether it existed.
+    Redrive {
+        id: String,
+        reply: oneshot::Sender<Result<bool, EntityError>>,
+    },
     /// An info message (OTP's `handle_info`), such as a monitor's `DOWN`; no reply.
     Info { message: Value },
     /// Subscribe to the entity's committed turns: once everything before is durable, the
@@ -85,7 +130,17 @@ impl Envelope {
             Request::Watch { reply } => {
                 let _ = reply.send(Err(error));
             }
+            Request::DurableCast { reply, .. } | Request::Redrive { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Deliver { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::Timer { name, .. } => {
+                tracing::debug!(%error, timer = %name, "timer delivery dropped; it is retried")
+            }
             Request::Cast { .. } => tracing::debug!(%error, "cast dropped"),
+            Request::Wake => {}
             Request::Info { .. } => tracing::debug!(%error, "info message dropped"),
         }
     }

@@ -15,15 +15,18 @@
 //! - A handler that fails or panics writes nothing and leaves the state as it was.
 
 pub mod codec;
+mod durables;
 mod envelope;
 mod error;
 mod process;
+pub mod records;
 pub mod recovery;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use envelope::{CallReply, Envelope, Request, Subscription, WatchedTurn};
+pub use durables::{validate_request_id, REQUEST_ID_BYTES_MAX};
+pub use envelope::{CallReply, DeliveryAck, Envelope, Request, Subscription, WatchedTurn};
 pub use error::EntityError;
 pub use process::{spawn, EntityHandle, SpawnArgs, StateView};
 
@@ -40,6 +43,13 @@ pub struct EntityConfig {
     pub snapshot_every_events: u64,
     /// Messages a mailbox holds before senders get `RESOURCE_EXHAUSTED`.
     pub mailbox_capacity: usize,
+    /// How long the reply of a request id is kept for retries.
+    pub dedup_window: Duration,
+    /// At most this many stored replies per entity (the oldest go first).
+    pub dedup_per_entity_max: usize,
+    /// A durable message (timer, send, durable cast) that crashed its entity this many times
+    /// is moved to a dead letter instead of being run again.
+    pub dead_letter_after_crashes: u32,
 }
 
 /// What an entity process needs from the shard that hosts it.
@@ -67,6 +77,12 @@ pub trait EntityHost: Send + Sync + 'static {
 
     /// `watcher` no longer monitors `target`.
     fn demonitor(&self, watcher: &EntityId, target: &EntityId);
+
+    /// `from` durably sent `message` (its outbox holds it): deliver it.
+    fn post(&self, from: &EntityId, message: records::OutboxMessage);
+
+    /// A timer due at `due_ms` was durably set in this shard: fire it on time.
+    fn timer_set(&self, due_ms: u64);
 }
 
 /// How an activation ended without crashing, as its monitors are told.

@@ -6,7 +6,7 @@
 //! After `idle_timeout` without messages, on `Stop`, or after `Delete`, it leaves the shard's
 //! directory and ends; messages that raced with that are routed to a new activation.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -16,14 +16,19 @@ use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{
-    Behaviour, BehaviourError, BehaviourRegistry, Effect, ErasedState, Turn, Value,
+    now_unix_ms, reply_message, timer_message, Behaviour, BehaviourError, BehaviourRegistry,
+    Effect, ErasedState, Turn, Value,
 };
-use crate::storage::{Durable, EntityBatch, Op, Store, StoreError};
+use crate::storage::{Durable, EntityBatch, Op, RecordKind, Store, StoreError};
 
+use super::durables::Durables;
+use super::records::{
+    self, DeadLetterRecord, DedupRecord, InboxItem, MessageKind, OutboxMessage, TimerRecord,
+};
 use super::recovery::{self, Recovered};
 use super::{
-    codec, CallReply, CrashVerdict, EntityConfig, EntityError, EntityHost, Envelope, Exit, Request,
-    Subscription, WatchedTurn,
+    codec, CallReply, CrashVerdict, DeliveryAck, EntityConfig, EntityError, EntityHost, Envelope,
+    Exit, Request, Subscription, WatchedTurn,
 };
 
 /// Everything a new activation needs.
@@ -169,6 +174,8 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         pending: VecDeque::new(),
         durable_seq,
         watchers: None,
+        durables: Durables::default(),
+        attempts: HashMap::new(),
     };
     let task = tracker.spawn(process.run()).abort_handle();
     EntityHandle {
@@ -221,6 +228,50 @@ struct Process {
     durable_seq: watch::Sender<u64>,
     /// Watchers' feed, made on the first `Watch` (a broadcast channel allocates its ring).
     watchers: Option<broadcast::Sender<Arc<WatchedTurn>>>,
+    /// Timers, stored replies, the durable inbox: reloaded with the state at each activation.
+    durables: Durables,
+    /// Crashes per durable message, kept across restarts of this activation: past
+    /// `dead_letter_after_crashes` the message becomes a dead letter.
+    attempts: HashMap<DurableRef, (u32, String)>,
+}
+
+/// A durable message that may crash its entity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum DurableRef {
+    Timer { name: String, due_ms: u64 },
+    Inbox(u64),
+    Message { from: EntityId, pair_seq: u64 },
+}
+
+/// Who waits for a queued turn's answer.
+enum Answer {
+    None,
+    Call(oneshot::Sender<Result<CallReply, EntityError>>),
+    /// A durable acceptance (durable cast, redrive) and what it answers on success.
+    Accepted(oneshot::Sender<Result<bool, EntityError>>, bool),
+    /// A delivery from another entity and what it answers on success.
+    Delivered(
+        oneshot::Sender<Result<DeliveryAck, EntityError>>,
+        DeliveryAck,
+    ),
+}
+
+impl Answer {
+    fn send(self, outcome: Result<CallReply, EntityError>) {
+        // A caller that gave up needs no answer.
+        match self {
+            Answer::None => {}
+            Answer::Call(reply) => {
+                let _ = reply.send(outcome);
+            }
+            Answer::Accepted(reply, value) => {
+                let _ = reply.send(outcome.map(|_| value));
+            }
+            Answer::Delivered(reply, ack) => {
+                let _ = reply.send(outcome.map(|_| ack));
+            }
+        }
+    }
 }
 
 /// Turns a watcher may fall behind before it is ended with "resubscribe from N".
@@ -236,10 +287,14 @@ struct Pending {
     durable: Option<Durable>,
     /// The entity's sequence number after the turn.
     seq: u64,
-    reply: Option<oneshot::Sender<Result<CallReply, EntityError>>>,
+    answer: Answer,
     outcome: Result<CallReply, EntityError>,
     /// Effects run once the turn is durable.
     effects: Vec<Effect>,
+    /// Messages the turn sent, handed to the postman once it is durable.
+    posts: Vec<OutboxMessage>,
+    /// The earliest timer the turn set, announced to the shard once it is durable.
+    timer_due: Option<u64>,
     /// What watchers are told once the turn is durable (only while there are watchers).
     watched: Option<Arc<WatchedTurn>>,
 }
@@ -268,6 +323,14 @@ impl Process {
             return;
         }
         loop {
+            // Accepted durable messages go before new ones.
+            if !self.durables.inbox.is_empty() && self.pending.len() < PENDING_TURNS_MAX {
+                match Box::pin(self.handle_inbox_front()).await {
+                    Next::Continue => continue,
+                    Next::Passivate => break,
+                    Next::Exit => return,
+                }
+            }
             tokio::select! {
                 // Answer turns as their batches become durable, before taking new messages.
                 biased;
@@ -300,11 +363,12 @@ impl Process {
 
     /// Loads the snapshot and events and installs the recovered state.
     async fn activate(&mut self) -> Result<(), EntityError> {
-        let loaded = self
+        let mut loaded = self
             .store
             .load(self.shard, &self.id)
             .await
             .map_err(|e| EntityError::from_store(&self.id, e))?;
+        let records = std::mem::take(&mut loaded.records);
         // The active version now: a deploy may have happened since this entity was routed.
         self.seen_registry_generation = Some(self.registry.generation());
         let latest = self
@@ -322,6 +386,7 @@ impl Process {
             migrated_from,
             upgrade_error,
         } = recovery::recover(&latest, &versions, &self.id, loaded)?;
+        self.durables = Durables::load(&self.id, &records, now_unix_ms(), &self.config)?;
         self.seq = seq;
         self.events_since_snapshot = events_since_snapshot;
         self.behaviour = behaviour.clone();
@@ -407,7 +472,11 @@ impl Process {
         }
         let turn = matches!(
             envelope.request,
-            Request::Call { .. } | Request::Cast { .. } | Request::Info { .. }
+            Request::Call { .. }
+                | Request::Cast { .. }
+                | Request::Info { .. }
+                | Request::Timer { .. }
+                | Request::Deliver { .. }
         );
         if turn {
             if let Err(reason) = Box::pin(self.upgrade_if_deployed()).await {
@@ -417,19 +486,53 @@ impl Process {
             }
         }
         match envelope.request {
-            Request::Call { message, reply } => {
-                let (mut pending, crash) = self.turn(Inbound::Message(message)).await;
-                pending.reply = Some(reply);
+            Request::Call {
+                message,
+                request_id,
+                reply,
+            } => {
+                if let Some(stored) = request_id.as_deref().and_then(|r| self.stored_reply(r)) {
+                    return self.answer_now(Answer::Call(reply), Ok(stored));
+                }
+                let (mut pending, crash) = self
+                    .turn(Inbound::Message(message), request_id.as_deref())
+                    .await;
+                pending.answer = Answer::Call(reply);
                 self.settle(pending, crash).await
             }
-            Request::Cast { message } => {
-                let (pending, crash) = self.turn(Inbound::Cast(message)).await;
+            Request::Cast {
+                message,
+                request_id,
+            } => {
+                if request_id
+                    .as_deref()
+                    .and_then(|r| self.stored_reply(r))
+                    .is_some()
+                {
+                    return Next::Continue;
+                }
+                let (pending, crash) = self
+                    .turn(Inbound::Cast(message), request_id.as_deref())
+                    .await;
                 self.settle(pending, crash).await
             }
             Request::Info { message } => {
-                let (pending, crash) = self.turn(Inbound::Info(message)).await;
+                let (pending, crash) = self.turn(Inbound::Info(message), None).await;
                 self.settle(pending, crash).await
             }
+            Request::DurableCast {
+                message,
+                request_id,
+                reply,
+            } => Box::pin(self.accept_durable_cast(message, request_id, reply)).await,
+            Request::Timer { name, due_ms } => Box::pin(self.fire_timer(name, due_ms)).await,
+            Request::Deliver {
+                from,
+                message,
+                reply,
+            } => Box::pin(self.accept_delivery(from, message, reply)).await,
+            Request::Redrive { id, reply } => Box::pin(self.redrive(id, reply)).await,
+            Request::Wake => Next::Continue,
             Request::Watch { reply } => {
                 let subscribed = self.subscribe().await;
                 let _ = reply.send(subscribed);
@@ -455,6 +558,441 @@ impl Process {
                 Next::Passivate
             }
         }
+    }
+
+    /// The stored reply of a request id seen before, as a call's answer.
+    fn stored_reply(&self, request_id: &str) -> Option<CallReply> {
+        self.durables
+            .stored_reply(request_id)
+            .map(|stored| CallReply {
+                reply: stored.reply.clone(),
+                seq: stored.seq,
+                deduplicated: true,
+            })
+    }
+
+    /// Queues an answer that needs no batch of its own (it still waits behind the turns
+    /// before it, whose effects it may report).
+    fn answer_now(&mut self, answer: Answer, outcome: Result<CallReply, EntityError>) -> Next {
+        let mut pending = self.answered(outcome);
+        pending.answer = answer;
+        self.pending.push_back(pending);
+        self.finish_ready();
+        Next::Continue
+    }
+
+    /// Writes a durable cast into the inbox (with its request id's record), answering once
+    /// that is durable. The run loop then handles it like any inbox item.
+    async fn accept_durable_cast(
+        &mut self,
+        message: Value,
+        request_id: Option<String>,
+        reply: oneshot::Sender<Result<bool, EntityError>>,
+    ) -> Next {
+        if request_id
+            .as_deref()
+            .and_then(|r| self.stored_reply(r))
+            .is_some()
+        {
+            return self.answer_now(Answer::Accepted(reply, true), Ok(self.no_reply()));
+        }
+        let mut ops = Vec::new();
+        let item = InboxItem {
+            kind: MessageKind::Cast,
+            message,
+            origin: "client".into(),
+        };
+        let accepted = self
+            .durables
+            .accept_into_inbox(&self.id, item, &mut ops)
+            .and_then(|_| match &request_id {
+                Some(request_id) => {
+                    let record = DedupRecord {
+                        at_ms: now_unix_ms(),
+                        seq: self.seq,
+                        reply: Value::Null,
+                    };
+                    self.durables
+                        .store_reply(&self.id, request_id, record, &self.config, &mut ops)
+                }
+                None => Ok(()),
+            });
+        let pending = match accepted {
+            Ok(()) => {
+                self.pending_write(ops, Answer::Accepted(reply, false))
+                    .await
+            }
+            Err(error) => {
+                let mut pending = self.answered(Err(error));
+                pending.answer = Answer::Accepted(reply, false);
+                pending
+            }
+        };
+        self.settle(pending, None).await
+    }
+
+    /// A queued answer for a batch the engine writes itself (no handler ran).
+    async fn pending_write(&mut self, ops: Vec<Op>, answer: Answer) -> Pending {
+        let outcome = match self.submit(ops).await {
+            Ok(durable) => {
+                let mut pending = self.answered(Ok(self.no_reply()));
+                pending.durable = Some(durable);
+                pending.answer = answer;
+                return pending;
+            }
+            Err(error) => Err(error),
+        };
+        let mut pending = self.answered(outcome);
+        pending.answer = answer;
+        pending
+    }
+
+    fn no_reply(&self) -> CallReply {
+        CallReply {
+            reply: Value::Null,
+            seq: self.seq,
+            deduplicated: false,
+        }
+    }
+
+    /// Whether a durable message crashed this entity often enough to become a dead letter.
+    fn exhausted(&self, what: &DurableRef) -> bool {
+        self.attempts
+            .get(what)
+            .is_some_and(|(n, _)| *n >= self.config.dead_letter_after_crashes)
+    }
+
+    /// Counts a crash of a durable message.
+    fn count_crash(&mut self, what: DurableRef, reason: &str) {
+        let entry = self.attempts.entry(what).or_insert((0, String::new()));
+        entry.0 += 1;
+        entry.1 = reason.to_owned();
+    }
+
+    /// Adds the ops that move `item` to a dead letter, forgetting its crash count.
+    fn dead_letter_ops(
+        &mut self,
+        what: &DurableRef,
+        kind: &str,
+        item: InboxItem,
+        ops: &mut Vec<Op>,
+    ) -> Result<String, EntityError> {
+        let (attempts, reason) = self.attempts.remove(what).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let id = format!("{kind}-{now}");
+        tracing::warn!(entity = %self.id, dead_letter = %id, attempts, %reason, "durable message moved to a dead letter");
+        let record = DeadLetterRecord {
+            kind: kind.to_owned(),
+            item,
+            reason,
+            attempts,
+            dead_at_ms: now_unix_ms(),
+        };
+        ops.push(Op::PutRecord {
+            kind: RecordKind::DeadLetter,
+            name: id.as_bytes().to_vec(),
+            value: records::encode(&self.id, &record)?,
+        });
+        Ok(id)
+    }
+
+    /// Runs a due timer through the info handler; the timer is consumed in the turn's batch.
+    async fn fire_timer(&mut self, name: String, due_ms: u64) -> Next {
+        let Some(timer) = self
+            .durables
+            .timers
+            .get(&name)
+            .filter(|t| t.due_ms == due_ms)
+            .cloned()
+        else {
+            // Fired, cancelled or replaced already: a late or repeated delivery.
+            return Next::Continue;
+        };
+        let what = DurableRef::Timer {
+            name: name.clone(),
+            due_ms,
+        };
+        let info = timer_message(&name, timer.payload, due_ms);
+        let mut consume = Vec::new();
+        if self.exhausted(&what) {
+            self.durables.cancel_timer(&name, &mut consume);
+            let item = InboxItem {
+                kind: MessageKind::Info,
+                message: info,
+                origin: format!("timer:{name}"),
+            };
+            let pending = match self.dead_letter_ops(&what, "timer", item, &mut consume) {
+                Ok(_) => self.pending_write(consume, Answer::None).await,
+                Err(error) => self.answered(Err(error)),
+            };
+            return self.settle(pending, None).await;
+        }
+        match self.run_handler(Inbound::Info(info)) {
+            Ok(turn) => {
+                self.durables.cancel_timer(&name, &mut consume);
+                let (pending, crash) = self.commit_turn(turn, consume, None, Vec::new()).await;
+                self.settle(pending, crash).await
+            }
+            Err(EntityError::InvalidMessage { reason, .. }) => {
+                tracing::warn!(entity = %self.id, timer = %name, %reason, "the behaviour refused its timer; the timer is consumed");
+                self.durables.cancel_timer(&name, &mut consume);
+                let (pending, crash) = self
+                    .commit_turn(Turn::reply(Value::Null), consume, None, Vec::new())
+                    .await;
+                self.settle(pending, crash).await
+            }
+            Err(error) => {
+                let crash = crash_reason(&error);
+                if let Some(reason) = &crash {
+                    self.count_crash(what, reason);
+                }
+                let pending = self.answered(Err(error));
+                self.settle(pending, crash).await
+            }
+        }
+    }
+
+    /// The last message sequence number accepted from `from` (0: none yet).
+    async fn receipt(&mut self, from: &EntityId) -> Result<u64, EntityError> {
+        if let Some(seq) = self.durables.receipts.get(from) {
+            return Ok(*seq);
+        }
+        let stored = self
+            .store
+            .record(
+                self.shard,
+                &self.id,
+                RecordKind::Receipt,
+                &records::address_name(from),
+            )
+            .await
+            .map_err(|e| EntityError::from_store(&self.id, e))?;
+        let seq = match stored {
+            Some(bytes) => records::decode_seq(&self.id, "message receipt", &bytes)?,
+            None => 0,
+        };
+        self.durables.receipts.insert(from.clone(), seq);
+        Ok(seq)
+    }
+
+    /// The last message sequence number sent to `to` (0: none yet).
+    async fn send_seq(&mut self, to: &EntityId) -> Result<u64, EntityError> {
+        if let Some(seq) = self.durables.send_seqs.get(to) {
+            return Ok(*seq);
+        }
+        let stored = self
+            .store
+            .record(
+                self.shard,
+                &self.id,
+                RecordKind::SendSeq,
+                &records::address_name(to),
+            )
+            .await
+            .map_err(|e| EntityError::from_store(&self.id, e))?;
+        let seq = match stored {
+            Some(bytes) => records::decode_seq(&self.id, "send counter", &bytes)?,
+            None => 0,
+        };
+        self.durables.send_seqs.insert(to.clone(), seq);
+        Ok(seq)
+    }
+
+    /// A message from another entity: handled exactly once. Its receipt (the sender's
+    /// sequence number) is written in the same batch as the turn, so a redelivery after a
+    /// crash on either side is recognised and only acknowledged.
+    async fn accept_delivery(
+        &mut self,
+        from: EntityId,
+        message: OutboxMessage,
+        reply: oneshot::Sender<Result<DeliveryAck, EntityError>>,
+    ) -> Next {
+        let last = match self.receipt(&from).await {
+            Ok(last) => last,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return Next::Continue;
+            }
+        };
+        let pair_seq = message.pair_seq;
+        // No receipt yet (a new target, or one deleted since): the first message sets it.
+        if last != 0 && pair_seq <= last {
+            return self.answer_now(
+                Answer::Delivered(reply, DeliveryAck::Duplicate),
+                Ok(self.no_reply()),
+            );
+        }
+        if last != 0 && pair_seq > last + 1 {
+            let _ = reply.send(Ok(DeliveryAck::Gap { expected: last + 1 }));
+            return Next::Continue;
+        }
+        let what = DurableRef::Message {
+            from: from.clone(),
+            pair_seq,
+        };
+        let mut receipt = vec![Op::PutRecord {
+            kind: RecordKind::Receipt,
+            name: records::address_name(&from),
+            value: records::encode_seq(pair_seq),
+        }];
+        let item = InboxItem {
+            kind: message.kind,
+            message: message.message,
+            origin: from.to_string(),
+        };
+        if self.exhausted(&what) {
+            let kind = match item.kind {
+                MessageKind::Cast => "send",
+                MessageKind::Call { .. } => "request",
+                MessageKind::Info => "reply",
+            };
+            let pending = match self.dead_letter_ops(&what, kind, item, &mut receipt) {
+                Ok(_) => {
+                    self.durables.receipts.insert(from, pair_seq);
+                    self.pending_write(receipt, Answer::Delivered(reply, DeliveryAck::DeadLettered))
+                        .await
+                }
+                Err(error) => self.answered(Err(error)),
+            };
+            return self.settle(pending, None).await;
+        }
+        let (mut pending, crash) = self.handle_item(item, receipt).await;
+        match &crash {
+            Some(reason) => self.count_crash(what, reason),
+            None => {
+                self.durables.receipts.insert(from, pair_seq);
+            }
+        }
+        pending.answer = Answer::Delivered(reply, DeliveryAck::Accepted);
+        self.settle(pending, crash).await
+    }
+
+    /// Runs an accepted durable message through the handler its kind names, committing
+    /// `consume` (what marks it handled) with the turn. A refusal consumes it too (a request's
+    /// sender gets the error as its reply); a crash writes nothing.
+    async fn handle_item(
+        &mut self,
+        item: InboxItem,
+        consume: Vec<Op>,
+    ) -> (Pending, Option<String>) {
+        let (inbound, reply_to) = match item.kind {
+            MessageKind::Cast => (Inbound::Cast(item.message), None),
+            MessageKind::Info => (Inbound::Info(item.message), None),
+            MessageKind::Call { reply_to, tag } => {
+                (Inbound::Message(item.message), Some((reply_to, tag)))
+            }
+        };
+        match self.run_handler(inbound) {
+            Ok(turn) => {
+                let replies = reply_to
+                    .map(|(to, tag)| {
+                        let answer = reply_message(&self.id, tag, Ok(turn.reply.clone()));
+                        (to, answer)
+                    })
+                    .into_iter()
+                    .collect();
+                self.commit_turn(turn, consume, None, replies).await
+            }
+            Err(EntityError::InvalidMessage { reason, .. }) => {
+                tracing::warn!(entity = %self.id, origin = %item.origin, %reason, "durable message refused by the behaviour; it is consumed");
+                let replies = reply_to
+                    .map(|(to, tag)| {
+                        let answer =
+                            reply_message(&self.id, tag, Err(("invalid_argument", &reason)));
+                        (to, answer)
+                    })
+                    .into_iter()
+                    .collect();
+                self.commit_turn(Turn::reply(Value::Null), consume, None, replies)
+                    .await
+            }
+            Err(error) => {
+                let crash = crash_reason(&error);
+                (self.answered(Err(error)), crash)
+            }
+        }
+    }
+
+    /// Handles the oldest accepted inbox item; a crash leaves it in the inbox (and storage).
+    async fn handle_inbox_front(&mut self) -> Next {
+        let Some((seq, item)) = self.durables.inbox.front().cloned() else {
+            return Next::Continue;
+        };
+        if let Err(reason) = Box::pin(self.upgrade_if_deployed()).await {
+            let reason = format!("upgrade to the active version failed: {reason}");
+            return Box::pin(self.on_crash(reason)).await;
+        }
+        let what = DurableRef::Inbox(seq);
+        let mut consume = vec![Op::RemoveRecord {
+            kind: RecordKind::Inbox,
+            name: records::inbox_name(seq),
+        }];
+        if self.exhausted(&what) {
+            self.durables.inbox.pop_front();
+            let pending = match self.dead_letter_ops(&what, "durable_cast", item, &mut consume) {
+                Ok(_) => self.pending_write(consume, Answer::None).await,
+                Err(error) => self.answered(Err(error)),
+            };
+            return self.settle(pending, None).await;
+        }
+        let (pending, crash) = self.handle_item(item, consume).await;
+        match &crash {
+            Some(reason) => self.count_crash(what, reason),
+            None => {
+                self.durables.inbox.pop_front();
+            }
+        }
+        self.settle(pending, crash).await
+    }
+
+    /// Moves dead letter `id` back into the inbox.
+    async fn redrive(
+        &mut self,
+        id: String,
+        reply: oneshot::Sender<Result<bool, EntityError>>,
+    ) -> Next {
+        let stored = self
+            .store
+            .record(self.shard, &self.id, RecordKind::DeadLetter, id.as_bytes())
+            .await
+            .map_err(|e| EntityError::from_store(&self.id, e));
+        let record: DeadLetterRecord = match stored {
+            Ok(Some(bytes)) => {
+                match records::decode(&self.id, &format!("dead letter {id}"), &bytes) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        let _ = reply.send(Err(error));
+                        return Next::Continue;
+                    }
+                }
+            }
+            Ok(None) => {
+                let _ = reply.send(Ok(false));
+                return Next::Continue;
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return Next::Continue;
+            }
+        };
+        let mut ops = vec![Op::RemoveRecord {
+            kind: RecordKind::DeadLetter,
+            name: id.into_bytes(),
+        }];
+        let pending = match self
+            .durables
+            .accept_into_inbox(&self.id, record.item, &mut ops)
+        {
+            Ok(_) => self.pending_write(ops, Answer::Accepted(reply, true)).await,
+            Err(error) => {
+                let mut pending = self.answered(Err(error));
+                pending.answer = Answer::Accepted(reply, true);
+                pending
+            }
+        };
+        self.settle(pending, None).await
     }
 
     /// Queues a turn's answer behind the turns still waiting for durability (the output
@@ -504,20 +1042,24 @@ impl Process {
             match effect {
                 Effect::Monitor(target) => self.host.monitor(&self.id, &target),
                 Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
-                // Durable effects travel in the turn's batch, not here.
+                // Durable effects travelled in the turn's batch; see `posts` and `timer_due`.
                 Effect::SetTimer { .. }
                 | Effect::CancelTimer { .. }
                 | Effect::Send { .. }
                 | Effect::Request { .. } => {}
             }
         }
+        for message in done.posts {
+            self.host.post(&self.id, message);
+        }
+        if let Some(due_ms) = done.timer_due {
+            self.host.timer_set(due_ms);
+        }
         if let (Some(item), Some(watchers)) = (done.watched, &self.watchers) {
             // No receiver left is no error: the feed is simply unused.
             let _ = watchers.send(item);
         }
-        if let Some(reply) = done.reply {
-            let _ = reply.send(done.outcome);
-        }
+        done.answer.send(done.outcome);
     }
 
     /// Waits until every queued turn is durable, answering each in order. Returns false (after
@@ -537,9 +1079,7 @@ impl Process {
     fn fail_pending(&mut self, error: StoreError) {
         let error = EntityError::from_store(&self.id, error);
         for pending in self.pending.drain(..) {
-            if let Some(reply) = pending.reply {
-                let _ = reply.send(Err(error.clone()));
-            }
+            pending.answer.send(Err(error.clone()));
         }
         // This activation's state is ahead of what is durable: it must not serve again.
         *self.shared.committed.write() = None;
@@ -566,26 +1106,167 @@ impl Process {
         }
     }
 
-    /// Runs one message: the handler, then (if it produced events) hands them to the journal
-    /// and applies them at once, so the next message sees them; the answer waits in the output
-    /// gate until the batch is durable. Returns the queued answer and, on a crash, its reason.
-    async fn turn(&mut self, inbound: Inbound) -> (Pending, Option<String>) {
-        let turn = match self.run_handler(inbound) {
-            Ok(turn) => turn,
+    /// Runs one message: the handler, then the turn's commit (see [`Process::commit_turn`]).
+    /// Returns the queued answer and, on a crash, its reason.
+    async fn turn(
+        &mut self,
+        inbound: Inbound,
+        request_id: Option<&str>,
+    ) -> (Pending, Option<String>) {
+        match self.run_handler(inbound) {
+            Ok(turn) => {
+                self.commit_turn(turn, Vec::new(), request_id, Vec::new())
+                    .await
+            }
             Err(error) => {
                 let crash = crash_reason(&error);
-                return (self.answered(Err(error)), crash);
+                (self.answered(Err(error)), crash)
             }
-        };
+        }
+    }
+
+    /// Commits a handled turn as one journal batch: its events, the engine's `consume` ops
+    /// (what marks a durable message handled), its durable effects (timers, outbox messages
+    /// and `replies` to requests), and the stored reply of `request_id`. The events are
+    /// applied at once, so the next message sees them; the answer waits in the output gate
+    /// until the batch is durable. A turn that writes nothing waits for nothing of its own.
+    async fn commit_turn(
+        &mut self,
+        turn: Turn,
+        consume: Vec<Op>,
+        request_id: Option<&str>,
+        replies: Vec<(EntityId, Value)>,
+    ) -> (Pending, Option<String>) {
+        match self.turn_ops(&turn, consume, request_id, replies).await {
+            Ok((ops, posts, timer_due, effects)) => {
+                self.submit_turn(turn, ops, posts, timer_due, effects).await
+            }
+            Err(error) => {
+                let crash = crash_reason(&error);
+                (self.answered(Err(error)), crash)
+            }
+        }
+    }
+
+    /// The ops of a turn's batch, in order, and what happens once it is durable.
+    #[allow(clippy::type_complexity)]
+    async fn turn_ops(
+        &mut self,
+        turn: &Turn,
+        consume: Vec<Op>,
+        request_id: Option<&str>,
+        replies: Vec<(EntityId, Value)>,
+    ) -> Result<(Vec<Op>, Vec<OutboxMessage>, Option<u64>, Vec<Effect>), EntityError> {
+        let now = now_unix_ms();
+        let version = self.behaviour.version();
+        let mut ops = Vec::with_capacity(turn.events.len() + consume.len());
+        for (event, seq) in turn.events.iter().zip(self.seq + 1..) {
+            ops.push(Op::Event {
+                seq,
+                behaviour_version: version,
+                payload: codec::encode(&self.id, event)?,
+            });
+        }
+        // Before the effects: a timer handler may set its own timer's name again.
+        ops.extend(consume);
+        let mut posts = Vec::new();
+        let mut timer_due: Option<u64> = None;
+        let mut after = Vec::new();
+        let mut sends: Vec<(EntityId, MessageKind, Value)> = Vec::new();
+        for effect in &turn.effects {
+            match effect {
+                Effect::Monitor(_) | Effect::Demonitor(_) => after.push(effect.clone()),
+                Effect::SetTimer { name, due, payload } => {
+                    let due_ms = due.at(now);
+                    let record = TimerRecord {
+                        due_ms,
+                        payload: payload.clone(),
+                    };
+                    self.durables
+                        .set_timer(&self.id, name.clone(), record, &mut ops)?;
+                    timer_due = Some(timer_due.map_or(due_ms, |d| d.min(due_ms)));
+                }
+                Effect::CancelTimer { name } => {
+                    self.durables.cancel_timer(name, &mut ops);
+                }
+                Effect::Send { to, message } => {
+                    sends.push((to.clone(), MessageKind::Cast, message.clone()));
+                }
+                Effect::Request { to, message, tag } => {
+                    let kind = MessageKind::Call {
+                        reply_to: self.id.clone(),
+                        tag: tag.clone(),
+                    };
+                    sends.push((to.clone(), kind, message.clone()));
+                }
+            }
+        }
+        sends.extend(
+            replies
+                .into_iter()
+                .map(|(to, message)| (to, MessageKind::Info, message)),
+        );
+        for (to, kind, message) in sends {
+            to.validate().map_err(|e| {
+                self.crashed(format!("a message was sent to an invalid address: {e}"))
+            })?;
+            let pair_seq = self.send_seq(&to).await? + 1;
+            let outgoing = OutboxMessage {
+                to: to.clone(),
+                pair_seq,
+                kind,
+                message,
+            };
+            ops.push(Op::PutRecord {
+                kind: RecordKind::SendSeq,
+                name: records::address_name(&to),
+                value: records::encode_seq(pair_seq),
+            });
+            ops.push(Op::PutRecord {
+                kind: RecordKind::Outbox,
+                name: records::outbox_name(&to, pair_seq),
+                value: records::encode(&self.id, &outgoing)?,
+            });
+            self.durables.send_seqs.insert(to, pair_seq);
+            posts.push(outgoing);
+        }
+        ops.extend(self.durables.take_owed());
+        if let Some(request_id) = request_id {
+            // Only a turn that changed something is worth remembering: a retry of one that
+            // did not simply runs again.
+            if !ops.is_empty() {
+                let record = DedupRecord {
+                    at_ms: now,
+                    seq: self.seq + turn.events.len() as u64,
+                    reply: turn.reply.clone(),
+                };
+                self.durables
+                    .store_reply(&self.id, request_id, record, &self.config, &mut ops)?;
+            }
+        }
+        Ok((ops, posts, timer_due, after))
+    }
+
+    /// Hands a turn's batch to the journal, applies its events, and queues its answer.
+    async fn submit_turn(
+        &mut self,
+        turn: Turn,
+        ops: Vec<Op>,
+        posts: Vec<OutboxMessage>,
+        timer_due: Option<u64>,
+        effects: Vec<Effect>,
+    ) -> (Pending, Option<String>) {
         let mut durable = None;
-        if !turn.events.is_empty() {
-            match self.submit_events(&turn.events).await {
+        if !ops.is_empty() {
+            match self.submit(ops).await {
                 Ok(submitted) => durable = Some(submitted),
                 Err(error) => {
                     let crash = crash_reason(&error);
                     return (self.answered(Err(error)), crash);
                 }
             }
+        }
+        if !turn.events.is_empty() {
             if let Err(error) = self.apply_committed(&turn.events) {
                 // A crash: the restart reloads the events from storage once they are durable.
                 let crash = crash_reason(&error);
@@ -597,6 +1278,7 @@ impl Process {
         let outcome = Ok(CallReply {
             reply: turn.reply,
             seq: self.seq,
+            deduplicated: false,
         });
         let watched = match &self.watchers {
             Some(watchers) if watchers.receiver_count() > 0 && !turn.events.is_empty() => {
@@ -607,9 +1289,11 @@ impl Process {
         let pending = Pending {
             durable,
             seq: self.seq,
-            reply: None,
+            answer: Answer::None,
             outcome,
-            effects: turn.effects,
+            effects,
+            posts,
+            timer_due,
             watched,
         };
         (pending, None)
@@ -620,9 +1304,11 @@ impl Process {
         Pending {
             durable: None,
             seq: self.seq,
-            reply: None,
+            answer: Answer::None,
             outcome,
             effects: Vec::new(),
+            posts: Vec::new(),
+            timer_due: None,
             watched: None,
         }
     }
@@ -698,23 +1384,6 @@ impl Process {
         }
     }
 
-    /// Writes the turn's events as one journal batch and waits until it is durable.
-    async fn submit_events(&mut self, events: &[Value]) -> Result<Durable, EntityError> {
-        let version = self.behaviour.version();
-        let ops = events
-            .iter()
-            .zip(self.seq + 1..)
-            .map(|(event, seq)| {
-                Ok(Op::Event {
-                    seq,
-                    behaviour_version: version,
-                    payload: codec::encode(&self.id, event)?,
-                })
-            })
-            .collect::<Result<Vec<_>, EntityError>>()?;
-        self.submit(ops).await
-    }
-
     /// Folds committed events into the state; the same `apply` replay uses.
     fn apply_committed(&mut self, events: &[Value]) -> Result<(), EntityError> {
         let mut guard = self.shared.committed.write();
@@ -763,10 +1432,7 @@ impl Process {
         match self.submit(vec![op]).await {
             Ok(durable) => {
                 self.events_since_snapshot = 0;
-                let mut pending = self.answered(Ok(CallReply {
-                    reply: Value::Null,
-                    seq: self.seq,
-                }));
+                let mut pending = self.answered(Ok(self.no_reply()));
                 pending.durable = Some(durable);
                 self.pending.push_back(pending);
             }
@@ -803,9 +1469,13 @@ impl Process {
     /// Removes the entity's durable data. Returns whether it had any.
     async fn delete(&mut self) -> Result<bool, EntityError> {
         let existed = self.seq > 0;
-        if existed {
-            self.commit(vec![Op::Delete]).await?;
+        let mut ops = self.durables.timer_index_removals();
+        let has_records = !ops.is_empty() || !self.durables.inbox.is_empty();
+        if existed || has_records {
+            ops.push(Op::Delete);
+            self.commit(ops).await?;
         }
+        self.durables = Durables::default();
         *self.shared.committed.write() = None;
         self.deleted = true;
         Ok(existed)

@@ -61,7 +61,12 @@ async fn pipeline_call(
     let id = request.id;
     let outcome = match message(request.message) {
         Ok(message) => shards
-            .call(address(request.r#type, request.key), message, deadline)
+            .call(
+                address(request.r#type, request.key),
+                message,
+                deadline,
+                None,
+            )
             .await
             .map_err(Status::from),
         Err(status) => Err(status),
@@ -166,7 +171,12 @@ impl EntityService for EntityApi {
         let message = message(request.message)?;
         let outcome = self
             .shards
-            .call(address(request.r#type, request.key), message, deadline)
+            .call(
+                address(request.r#type, request.key),
+                message,
+                deadline,
+                None,
+            )
             .await?;
         Ok(Response::new(CallResponse {
             reply: Some(json_to_proto(outcome.reply)),
@@ -178,7 +188,7 @@ impl EntityService for EntityApi {
         let request = request.into_inner();
         let message = message(request.message)?;
         self.shards
-            .cast(address(request.r#type, request.key), message)?;
+            .cast(address(request.r#type, request.key), message, None)?;
         Ok(Response::new(CastResponse {}))
     }
 

@@ -30,6 +30,10 @@ use crate::entity::{
 };
 use crate::storage::Store;
 use crate::supervisor::{ExitReason, NodeKind, RestartWindow, RootSupervisor, Strategy, TreeNode};
+use tokio_util::sync::CancellationToken;
+
+use super::postman::Postman;
+use super::timers::TimerAlarm;
 
 /// What every shard of a server shares.
 pub(super) struct ShardContext {
@@ -47,12 +51,36 @@ pub(super) struct ShardContext {
     pub registry: Arc<BehaviourRegistry>,
     /// Every shard of the server, set once they exist: monitors cross shards.
     pub shards: OnceLock<Vec<Weak<Shard>>>,
+    /// Delivers messages between entities; set once the shards exist.
+    pub postman: OnceLock<Postman>,
+    /// Ends the postman and the timer services at shutdown.
+    pub cancel: CancellationToken,
 }
 
 /// Watchers one entity may have, at most.
 pub const WATCHERS_PER_ENTITY_MAX: usize = 1024;
 
 impl ShardContext {
+    /// The shard index of an address.
+    pub fn shard_index(&self, id: &EntityId) -> u32 {
+        super::hash::shard_of(id, self.store.shard_count())
+    }
+
+    /// Routes a message to an entity of any shard, activating it if needed.
+    pub fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
+        let behaviour =
+            self.registry
+                .get(&id.entity_type)
+                .ok_or_else(|| EntityError::UnknownType {
+                    name: id.entity_type.clone(),
+                    known: self.registry.type_names().join(", "),
+                })?;
+        let shard = self.shard_of(id).ok_or(EntityError::ShuttingDown)?;
+        shard
+            .route(id, &behaviour, envelope)
+            .map_err(|undelivered| undelivered.error)
+    }
+
     fn shard_of(&self, id: &EntityId) -> Option<Arc<Shard>> {
         let shards = self.shards.get()?;
         shards
@@ -158,6 +186,8 @@ impl ShardState {
 pub(super) struct Shard {
     index: u32,
     context: Arc<ShardContext>,
+    /// Wakes this shard's timer service when an entity sets an earlier timer.
+    pub alarm: Arc<TimerAlarm>,
     state: Mutex<ShardState>,
     this: Weak<Shard>,
 }
@@ -178,6 +208,7 @@ impl Shard {
         Arc::new_cyclic(|this| Shard {
             index,
             context,
+            alarm: TimerAlarm::new(),
             state: Mutex::new(state),
             this: this.clone(),
         })
@@ -256,6 +287,11 @@ impl Shard {
             state.quarantined.remove(id);
         }
         Ok(())
+    }
+
+    /// This shard's index.
+    pub fn index(&self) -> u32 {
+        self.index
     }
 
     /// The handle of the entity if it is active.
@@ -508,6 +544,18 @@ impl EntityHost for Shard {
             self.context
                 .deliver_info(watcher.clone(), down_message(target, "not_active", detail));
         }
+    }
+
+    fn post(&self, from: &EntityId, message: crate::entity::records::OutboxMessage) {
+        match self.context.postman.get() {
+            Some(postman) => postman.post(from, message),
+            // Only before the shards exist; the outbox record is read at the next start.
+            None => tracing::warn!(sender = %from, "a message was sent before the postman started"),
+        }
+    }
+
+    fn timer_set(&self, due_ms: u64) {
+        self.alarm.set(due_ms);
     }
 
     fn demonitor(&self, watcher: &EntityId, target: &EntityId) {

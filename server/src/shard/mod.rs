@@ -13,24 +13,30 @@
 
 mod directory;
 pub mod hash;
+mod postman;
+mod timers;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
 use crate::config::SupervisionConfig;
+use crate::entity::records::{self, DeadLetterRecord};
 use crate::entity::{
-    codec, recovery, CallReply, EntityConfig, EntityError, Envelope, Request, StateView,
+    codec, recovery, validate_request_id, CallReply, EntityConfig, EntityError, Envelope, Request,
+    StateView,
 };
-use crate::storage::Store;
+use crate::storage::{EntityBatch, Op, RecordKind, Store};
 use crate::supervisor::{NodeKind, RootSupervisor, TreeNode};
 
 use directory::{Shard, ShardContext};
+use postman::Postman;
 
 /// The default and largest page sizes of `list`.
 pub const LIST_PAGE_SIZE_DEFAULT: usize = 100;
@@ -83,6 +89,8 @@ impl Shards {
             tracker: TaskTracker::new(),
             closing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
+            postman: OnceLock::new(),
+            cancel: CancellationToken::new(),
         });
         let shards: Vec<Arc<Shard>> = (0..store.shard_count())
             .map(|index| Shard::new(index, context.clone()))
@@ -91,23 +99,41 @@ impl Shards {
         let _ = context
             .shards
             .set(shards.iter().map(Arc::downgrade).collect());
+        let _ = context
+            .postman
+            .set(Postman::start(&context, context.cancel.clone()));
+        for shard in &shards {
+            tokio::spawn(timers::run(
+                context.clone(),
+                shard.index(),
+                shard.alarm.clone(),
+                context.cancel.clone(),
+            ));
+        }
         Shards { shards, context }
     }
 
     /// Sends a message and waits for the reply, which comes once the turn is durable.
     /// With a deadline, gives up at that instant (the entity skips the message if it has not
-    /// started it by then).
+    /// started it by then). With a request id, a retry gets the stored reply of the turn that
+    /// committed first instead of running the handler again.
     pub async fn call(
         &self,
         id: EntityId,
         message: Value,
         deadline: Option<Instant>,
+        request_id: Option<String>,
     ) -> Result<CallReply, EntityError> {
+        check_request_id(&id, request_id.as_deref())?;
         let (reply, answer) = oneshot::channel();
         self.route(
             &id,
             Envelope {
-                request: Request::Call { message, reply },
+                request: Request::Call {
+                    message,
+                    request_id,
+                    reply,
+                },
                 deadline,
             },
         )?;
@@ -120,15 +146,167 @@ impl Shards {
         answer.unwrap_or_else(|_| Err(stopped_before_reply(&id)))
     }
 
-    /// Enqueues a message without waiting for it to be handled.
-    pub fn cast(&self, id: EntityId, message: Value) -> Result<(), EntityError> {
+    /// Enqueues a message without waiting for it to be handled. With a request id, a
+    /// message whose id the entity has a stored reply for is dropped.
+    pub fn cast(
+        &self,
+        id: EntityId,
+        message: Value,
+        request_id: Option<String>,
+    ) -> Result<(), EntityError> {
+        check_request_id(&id, request_id.as_deref())?;
         self.route(
             &id,
             Envelope {
-                request: Request::Cast { message },
+                request: Request::Cast {
+                    message,
+                    request_id,
+                },
                 deadline: None,
             },
         )
+    }
+
+    /// Writes the message into the entity's durable inbox and returns once that is durable;
+    /// the entity handles it as a cast afterwards, also if the server crashes first. Returns
+    /// whether the request id was seen before (the message was accepted then, not now).
+    pub async fn durable_cast(
+        &self,
+        id: EntityId,
+        message: Value,
+        deadline: Option<Instant>,
+        request_id: Option<String>,
+    ) -> Result<bool, EntityError> {
+        check_request_id(&id, request_id.as_deref())?;
+        let (reply, answer) = oneshot::channel();
+        self.route(
+            &id,
+            Envelope {
+                request: Request::DurableCast {
+                    message,
+                    request_id,
+                    reply,
+                },
+                deadline,
+            },
+        )?;
+        let answer = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, answer)
+                .await
+                .map_err(|_| EntityError::DeadlineExceeded(id.clone()))?,
+            None => answer.await,
+        };
+        answer.unwrap_or_else(|_| Err(stopped_before_reply(&id)))
+    }
+
+    /// Dead letters, of one entity (`entity` given), of one type (`entity_type`), or all,
+    /// in (type, key, id) order after `after`, at most `limit`.
+    pub async fn dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+        after: Option<(EntityId, String)>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, EntityError> {
+        let listing = EntityId {
+            entity_type: "dead-letters".into(),
+            key: "*".into(),
+        };
+        let store = &self.context.store;
+        let mut found = Vec::new();
+        if let DeadLetterFilter::Entity(id) = &filter {
+            self.locate(id)?;
+            let entries = store
+                .entity_records(self.shard_index(id), id, RecordKind::DeadLetter)
+                .await
+                .map_err(|e| EntityError::from_store(id, e))?;
+            for entry in entries {
+                let name = String::from_utf8_lossy(&entry.name).into_owned();
+                if after
+                    .as_ref()
+                    .is_some_and(|(after_id, after_name)| (id, &name) <= (after_id, after_name))
+                {
+                    continue;
+                }
+                found.push(DeadLetter::decode(id.clone(), name, &entry.value)?);
+            }
+        } else {
+            for shard in 0..self.shards.len() as u32 {
+                let mut cursor = after
+                    .as_ref()
+                    .map(|(id, name)| (id.clone(), name.as_bytes().to_vec()));
+                loop {
+                    let page = store
+                        .scan_records(shard, RecordKind::DeadLetter, cursor.clone(), limit)
+                        .await
+                        .map_err(|e| EntityError::from_store(&listing, e))?;
+                    let full = page.len() == limit;
+                    cursor = page
+                        .last()
+                        .map(|(id, entry)| (id.clone(), entry.name.clone()));
+                    for (id, entry) in page {
+                        if let DeadLetterFilter::Type(entity_type) = &filter {
+                            if &id.entity_type != entity_type {
+                                continue;
+                            }
+                        }
+                        let name = String::from_utf8_lossy(&entry.name).into_owned();
+                        found.push(DeadLetter::decode(id, name, &entry.value)?);
+                    }
+                    if !full || found.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| (&a.entity, &a.id).cmp(&(&b.entity, &b.id)));
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    /// Moves a dead letter back into its entity's durable inbox; false if there is none.
+    pub async fn redrive(&self, id: EntityId, dead_letter: String) -> Result<bool, EntityError> {
+        let (reply, answer) = oneshot::channel();
+        self.route(
+            &id,
+            Envelope {
+                request: Request::Redrive {
+                    id: dead_letter,
+                    reply,
+                },
+                deadline: None,
+            },
+        )?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(stopped_before_reply(&id)))
+    }
+
+    /// Removes a dead letter for good; false if there was none.
+    pub async fn discard(&self, id: EntityId, dead_letter: String) -> Result<bool, EntityError> {
+        self.locate(&id)?;
+        let shard = self.shard_index(&id);
+        let store = &self.context.store;
+        let name = dead_letter.into_bytes();
+        let existed = store
+            .record(shard, &id, RecordKind::DeadLetter, &name)
+            .await
+            .map_err(|e| EntityError::from_store(&id, e))?
+            .is_some();
+        if existed {
+            let batch = EntityBatch {
+                shard,
+                entity: id.clone(),
+                ops: vec![Op::RemoveRecord {
+                    kind: RecordKind::DeadLetter,
+                    name,
+                }],
+            };
+            store
+                .commit(batch)
+                .await
+                .map_err(|e| EntityError::from_store(&id, e))?;
+        }
+        Ok(existed)
     }
 
     /// The entity's last committed state, without waiting behind its mailbox. A passive
@@ -427,6 +605,7 @@ impl Shards {
     /// waits until all of them have ended.
     pub async fn shutdown(&self) {
         self.context.closing.store(true, Ordering::Release);
+        self.context.cancel.cancel();
         for shard in &self.shards {
             for handle in shard.active_handles() {
                 let envelope = Envelope {
@@ -467,6 +646,58 @@ impl Shards {
                 name: entity_type.to_owned(),
                 known: self.context.registry.type_names().join(", "),
             })
+    }
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterFilter {
+    All,
+    Type(String),
+    Entity(EntityId),
+}
+
+/// A durable message that crashed its entity too often, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub entity: EntityId,
+    pub id: String,
+    /// `timer`, `send`, `request`, `reply` or `durable_cast`.
+    pub kind: String,
+    pub message: Value,
+    pub reason: String,
+    pub attempts: u32,
+    pub dead_at_ms: u64,
+    pub origin: String,
+}
+
+impl DeadLetter {
+    fn decode(entity: EntityId, id: String, bytes: &[u8]) -> Result<Self, EntityError> {
+        let record: DeadLetterRecord =
+            records::decode(&entity, &format!("dead letter {id}"), bytes)?;
+        Ok(DeadLetter {
+            entity,
+            id,
+            kind: record.kind,
+            message: record.item.message,
+            reason: record.reason,
+            attempts: record.attempts,
+            dead_at_ms: record.dead_at_ms,
+            origin: record.item.origin,
+        })
+    }
+}
+
+/// Refuses a malformed request id before anything is routed.
+fn check_request_id(id: &EntityId, request_id: Option<&str>) -> Result<(), EntityError> {
+    match request_id {
+        Some(request_id) => {
+            validate_request_id(request_id).map_err(|reason| EntityError::InvalidMessage {
+                entity: id.clone(),
+                reason,
+            })
+        }
+        None => Ok(()),
     }
 }
 

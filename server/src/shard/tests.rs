@@ -151,6 +151,9 @@ fn config() -> EntityConfig {
         idle_timeout: Duration::from_secs(60),
         snapshot_every_events: 0,
         mailbox_capacity: 16,
+        dedup_window: Duration::from_secs(3600),
+        dedup_per_entity_max: 256,
+        dead_letter_after_crashes: 3,
     }
 }
 
@@ -196,14 +199,15 @@ async fn calls_are_handled_in_order_and_committed() {
     let shards = shards_on(store.clone(), config());
     for expected in 1..=3 {
         let reply = shards
-            .call(counter("a"), json!({"op": "incr"}), None)
+            .call(counter("a"), json!({"op": "incr"}), None, None)
             .await
             .unwrap();
         assert_eq!(
             reply,
             CallReply {
                 reply: json!({"value": expected}),
-                seq: expected as u64
+                seq: expected as u64,
+                deduplicated: false,
             }
         );
     }
@@ -220,16 +224,16 @@ async fn refusals_write_nothing() {
     let store = Arc::new(MemoryStore::default());
     let shards = shards_on(store.clone(), config());
     shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap();
     let err = shards
-        .call(counter("a"), json!({"op": "nope"}), None)
+        .call(counter("a"), json!({"op": "nope"}), None, None)
         .await
         .unwrap_err();
     assert!(matches!(err, EntityError::InvalidMessage { .. }), "{err}");
     let err = shards
-        .call(EntityId::new("nosuch", "a").unwrap(), json!({}), None)
+        .call(EntityId::new("nosuch", "a").unwrap(), json!({}), None, None)
         .await
         .unwrap_err();
     assert!(matches!(err, EntityError::UnknownType { .. }), "{err}");
@@ -240,6 +244,7 @@ async fn refusals_write_nothing() {
                 key: String::new(),
             },
             json!({}),
+            None,
             None,
         )
         .await
@@ -263,21 +268,22 @@ async fn idle_entities_passivate_and_come_back_from_storage() {
         },
     );
     shards
-        .call(counter("a"), json!({"op": "incr", "by": 7}), None)
+        .call(counter("a"), json!({"op": "incr", "by": 7}), None, None)
         .await
         .unwrap();
     eventually("passivation", || shards.active_count() == 0).await;
     let (view, active) = shards.get(counter("a")).await.unwrap();
     assert_eq!((view.state, active), (json!({"value": 7}), false));
     let reply = shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap();
     assert_eq!(
         reply,
         CallReply {
             reply: json!({"value": 8}),
-            seq: 2
+            seq: 2,
+            deduplicated: false,
         }
     );
 }
@@ -287,7 +293,7 @@ async fn stop_passivates_and_delete_removes() {
     let store = Arc::new(MemoryStore::default());
     let shards = shards_on(store.clone(), config());
     shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap();
     assert!(shards.stop(counter("a")).await.unwrap());
@@ -304,14 +310,15 @@ async fn stop_passivates_and_delete_removes() {
     ));
     assert!(!shards.delete(counter("a"), None).await.unwrap());
     let reply = shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap();
     assert_eq!(
         reply,
         CallReply {
             reply: json!({"value": 1}),
-            seq: 1
+            seq: 1,
+            deduplicated: false,
         }
     );
 }
@@ -334,7 +341,11 @@ async fn a_full_mailbox_is_refused_at_once() {
     // the entity's task then fill the mailbox.
     let first = tokio::spawn({
         let shards = shards.clone();
-        async move { shards.call(counter("a"), json!({"op": "incr"}), None).await }
+        async move {
+            shards
+                .call(counter("a"), json!({"op": "incr"}), None, None)
+                .await
+        }
     });
     eventually("first message in commit", || {
         store.gated.load(Ordering::SeqCst) == 1
@@ -342,7 +353,7 @@ async fn a_full_mailbox_is_refused_at_once() {
     .await;
     let mut accepted = 0;
     let refused = loop {
-        match shards.cast(counter("a"), json!({"op": "incr"})) {
+        match shards.cast(counter("a"), json!({"op": "incr"}), None) {
             Ok(()) => accepted += 1,
             Err(error) => break error,
         }
@@ -362,12 +373,12 @@ async fn a_failed_commit_is_reported_and_changes_nothing() {
     let store = Arc::new(MemoryStore::default());
     let shards = shards_on(store.clone(), config());
     shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap();
     store.fail_commits.store(true, Ordering::SeqCst);
     let err = shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap_err();
     assert!(
@@ -380,14 +391,15 @@ async fn a_failed_commit_is_reported_and_changes_nothing() {
         json!({"value": 1})
     );
     let reply = shards
-        .call(counter("a"), json!({"op": "incr"}), None)
+        .call(counter("a"), json!({"op": "incr"}), None, None)
         .await
         .unwrap();
     assert_eq!(
         reply,
         CallReply {
             reply: json!({"value": 2}),
-            seq: 2
+            seq: 2,
+            deduplicated: false,
         }
     );
 }
@@ -404,7 +416,7 @@ async fn snapshots_are_written_every_n_events() {
     );
     for _ in 0..7 {
         shards
-            .call(counter("a"), json!({"op": "incr"}), None)
+            .call(counter("a"), json!({"op": "incr"}), None, None)
             .await
             .unwrap();
     }
@@ -416,14 +428,15 @@ async fn snapshots_are_written_every_n_events() {
     );
     shards.stop(counter("a")).await.unwrap();
     let reply = shards
-        .call(counter("a"), json!({"op": "get"}), None)
+        .call(counter("a"), json!({"op": "get"}), None, None)
         .await
         .unwrap();
     assert_eq!(
         reply,
         CallReply {
             reply: json!({"value": 7}),
-            seq: 7
+            seq: 7,
+            deduplicated: false,
         }
     );
 }
@@ -434,14 +447,14 @@ async fn an_expired_deadline_is_not_run() {
     let shards = shards_on(store.clone(), config());
     let past = Instant::now() - Duration::from_millis(1);
     let err = shards
-        .call(counter("a"), json!({"op": "incr"}), Some(past))
+        .call(counter("a"), json!({"op": "incr"}), Some(past), None)
         .await
         .unwrap_err();
     assert!(matches!(err, EntityError::DeadlineExceeded(_)), "{err}");
     // Whatever the race, the entity skipped the message.
     assert_eq!(
         shards
-            .call(counter("a"), json!({"op": "get"}), None)
+            .call(counter("a"), json!({"op": "get"}), None, None)
             .await
             .unwrap()
             .seq,
@@ -456,7 +469,7 @@ async fn listing_pages_through_keys_in_order() {
     let shards = shards_on(store, config());
     for key in ["b1", "a2", "a1", "a3"] {
         shards
-            .call(counter(key), json!({"op": "incr"}), None)
+            .call(counter(key), json!({"op": "incr"}), None, None)
             .await
             .unwrap();
     }
@@ -490,7 +503,9 @@ async fn shutdown_drains_mailboxes_then_refuses() {
     let store = Arc::new(MemoryStore::default());
     let shards = shards_on(store.clone(), config());
     for _ in 0..10 {
-        shards.cast(counter("a"), json!({"op": "incr"})).unwrap();
+        shards
+            .cast(counter("a"), json!({"op": "incr"}), None)
+            .unwrap();
     }
     shards.shutdown().await;
     assert_eq!(shards.active_count(), 0);
@@ -500,7 +515,7 @@ async fn shutdown_drains_mailboxes_then_refuses() {
         "casts in the mailbox were handled before stopping"
     );
     let err = shards
-        .call(counter("a"), json!({"op": "get"}), None)
+        .call(counter("a"), json!({"op": "get"}), None, None)
         .await
         .unwrap_err();
     assert_eq!(err, EntityError::ShuttingDown);
@@ -599,10 +614,13 @@ fn supervision(max_restarts: u32) -> SupervisionConfig {
 async fn a_crash_writes_nothing_and_restarts_from_durable_state() {
     let store = Arc::new(MemoryStore::default());
     let shards = probes(store.clone(), supervision(3));
-    shards.call(probe("x"), json!("tick"), None).await.unwrap();
+    shards
+        .call(probe("x"), json!("tick"), None, None)
+        .await
+        .unwrap();
     for poison in ["boom", "fail"] {
         let err = shards
-            .call(probe("x"), json!(poison), None)
+            .call(probe("x"), json!(poison), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, EntityError::Crashed { .. }), "{err}");
@@ -611,7 +629,7 @@ async fn a_crash_writes_nothing_and_restarts_from_durable_state() {
     assert_eq!(store.commits.load(Ordering::SeqCst), 1);
     assert_eq!(
         shards
-            .call(probe("x"), json!("tick"), None)
+            .call(probe("x"), json!("tick"), None, None)
             .await
             .unwrap()
             .seq,
@@ -634,17 +652,20 @@ async fn a_crash_writes_nothing_and_restarts_from_durable_state() {
 async fn past_its_intensity_an_entity_is_quarantined_until_reset() {
     let store = Arc::new(MemoryStore::default());
     let shards = probes(store.clone(), supervision(2));
-    shards.call(probe("x"), json!("tick"), None).await.unwrap();
+    shards
+        .call(probe("x"), json!("tick"), None, None)
+        .await
+        .unwrap();
     for _ in 0..3 {
         let err = shards
-            .call(probe("x"), json!("fail"), None)
+            .call(probe("x"), json!("fail"), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, EntityError::Crashed { .. }), "{err}");
     }
     // The third crash was past max_restarts = 2: quarantined, refused with a clear reason.
     let err = shards
-        .call(probe("x"), json!("tick"), None)
+        .call(probe("x"), json!("tick"), None, None)
         .await
         .unwrap_err();
     assert!(
@@ -653,9 +674,15 @@ async fn past_its_intensity_an_entity_is_quarantined_until_reset() {
     );
     assert!(err.to_string().contains("tried again"), "{err}");
     // Its neighbours never noticed.
-    shards.call(probe("y"), json!("tick"), None).await.unwrap();
+    shards
+        .call(probe("y"), json!("tick"), None, None)
+        .await
+        .unwrap();
     assert!(shards.reset(probe("x")).await.unwrap());
-    let reply = shards.call(probe("x"), json!("tick"), None).await.unwrap();
+    let reply = shards
+        .call(probe("x"), json!("tick"), None, None)
+        .await
+        .unwrap();
     assert_eq!(reply.seq, 2, "the state is exactly the last committed one");
 }
 
@@ -667,14 +694,14 @@ async fn temporary_entities_are_not_restarted_and_never_quarantined() {
     let shards = probes(store, supervision);
     for _ in 0..5 {
         let err = shards
-            .call(probe("x"), json!("fail"), None)
+            .call(probe("x"), json!("fail"), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, EntityError::Crashed { .. }), "{err}");
     }
     assert_eq!(
         shards
-            .call(probe("x"), json!("tick"), None)
+            .call(probe("x"), json!("tick"), None, None)
             .await
             .unwrap()
             .seq,
@@ -703,16 +730,19 @@ async fn quarantines_past_the_shard_intensity_restart_the_shard() {
         .unwrap();
     for id in [&first, &second] {
         let _ = shards
-            .call(id.clone(), json!("fail"), None)
+            .call(id.clone(), json!("fail"), None, None)
             .await
             .unwrap_err();
     }
     let err = shards
-        .call(first.clone(), json!("tick"), None)
+        .call(first.clone(), json!("tick"), None, None)
         .await
         .unwrap_err();
     assert!(matches!(err, EntityError::ShardRestarting { .. }), "{err}");
-    shards.call(bystander, json!("tick"), None).await.unwrap();
+    shards
+        .call(bystander, json!("tick"), None, None)
+        .await
+        .unwrap();
     let tree = shards.tree(10);
     let node = tree
         .walk()
@@ -731,15 +761,18 @@ async fn monitors_deliver_down_for_crash_stop_and_delete() {
     for (n, reason) in reasons.iter().enumerate() {
         let target = probe(&format!("target-{n}"));
         shards
-            .call(target.clone(), json!("tick"), None)
+            .call(target.clone(), json!("tick"), None, None)
             .await
             .unwrap();
         let watch = json!({"monitor": ["probe", target.key]});
-        shards.call(probe("watcher"), watch, None).await.unwrap();
+        shards
+            .call(probe("watcher"), watch, None, None)
+            .await
+            .unwrap();
         match *reason {
             "crashed" => drop(
                 shards
-                    .call(target.clone(), json!("fail"), None)
+                    .call(target.clone(), json!("fail"), None, None)
                     .await
                     .unwrap_err(),
             ),
@@ -780,7 +813,12 @@ async fn monitors_deliver_down_for_crash_stop_and_delete() {
     assert_eq!(got, expected);
     // Monitoring an entity that is not active answers at once, like OTP's noproc.
     shards
-        .call(probe("w2"), json!({"monitor": ["probe", "never"]}), None)
+        .call(
+            probe("w2"),
+            json!({"monitor": ["probe", "never"]}),
+            None,
+            None,
+        )
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -897,7 +935,7 @@ async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation
     for id in [&live, &passive] {
         for _ in 0..2 {
             let reply = shards
-                .call(id.clone(), json!({}), None)
+                .call(id.clone(), json!({}), None, None)
                 .await
                 .unwrap()
                 .reply;
@@ -908,7 +946,7 @@ async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation
 
     registry.install(shape(2, false), 2, true).unwrap();
     let reply = shards
-        .call(live.clone(), json!({}), None)
+        .call(live.clone(), json!({}), None, None)
         .await
         .unwrap()
         .reply;
@@ -923,7 +961,7 @@ async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation
         json!({"count": 2})
     );
     let reply = shards
-        .call(passive.clone(), json!({}), None)
+        .call(passive.clone(), json!({}), None, None)
         .await
         .unwrap()
         .reply;
@@ -936,7 +974,7 @@ async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation
     // A migrate that fails is a crash of that turn; the old state stays, readable.
     registry.install(shape(3, true), 3, true).unwrap();
     let err = shards
-        .call(live.clone(), json!({}), None)
+        .call(live.clone(), json!({}), None, None)
         .await
         .unwrap_err();
     assert!(
@@ -949,7 +987,11 @@ async fn live_entities_upgrade_at_a_turn_boundary_and_passive_ones_on_activation
     );
     // Rolling back to version 2 lets it serve again, from the same state.
     registry.activate("shape", 2).unwrap();
-    let reply = shards.call(live, json!({}), None).await.unwrap().reply;
+    let reply = shards
+        .call(live, json!({}), None, None)
+        .await
+        .unwrap()
+        .reply;
     assert_eq!(reply, json!({"version": 2, "value": 4}));
 }
 
@@ -966,7 +1008,7 @@ async fn output_gates_run_turns_ahead_but_hold_every_reply_until_durable() {
         let shards = shards.clone();
         calls.push(tokio::spawn(async move {
             shards
-                .call(counter("hot"), json!({"op": "incr"}), None)
+                .call(counter("hot"), json!({"op": "incr"}), None, None)
                 .await
         }));
         // One at a time into the mailbox, so the replies' order is the send order.

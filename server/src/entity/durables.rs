@@ -1,0 +1,349 @@
+//! An activation's view of its durable records besides state: pending timers, the stored
+//! replies of request ids, the durable inbox, and caches of message receipts and send
+//! counters. Every change here is made together with the ops that make it durable, which the
+//! turn commits in its batch.
+//!
+//! **Owns**: turning timer effects and idempotency records into storage ops, and the
+//! retention of stored replies (bounded by count and age per entity).
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::address::EntityId;
+use crate::behaviour::TIMER_NAME_BYTES_MAX;
+use crate::storage::{Op, RecordKind, StoredEntry};
+
+use super::records::{self, DedupRecord, InboxItem, TimerRecord};
+use super::{EntityConfig, EntityError};
+
+/// The longest client request id, in bytes.
+pub const REQUEST_ID_BYTES_MAX: usize = 128;
+
+/// Checks a client request id: 1 to [`REQUEST_ID_BYTES_MAX`] bytes of printable ASCII.
+pub fn validate_request_id(request_id: &str) -> Result<(), String> {
+    if request_id.is_empty() || request_id.len() > REQUEST_ID_BYTES_MAX {
+        return Err(format!(
+            "request id is {} bytes; it must be 1 to {REQUEST_ID_BYTES_MAX}",
+            request_id.len()
+        ));
+    }
+    if !request_id.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err("request id must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+/// The durable records an activation keeps in memory.
+#[derive(Default)]
+pub(super) struct Durables {
+    /// Pending timers by name.
+    pub timers: HashMap<String, TimerRecord>,
+    dedup: HashMap<String, DedupRecord>,
+    /// Request ids oldest first, to forget by count and age.
+    dedup_order: VecDeque<String>,
+    /// Last message sequence number accepted per sender (loaded on first use).
+    pub receipts: HashMap<EntityId, u64>,
+    /// Last message sequence number sent per target (loaded on first use).
+    pub send_seqs: HashMap<EntityId, u64>,
+    /// Accepted durable messages not yet handled, in order.
+    pub inbox: VecDeque<(u64, InboxItem)>,
+    next_inbox_seq: u64,
+    /// Removals owed for stored replies found expired at activation, written with the next
+    /// batch.
+    forget: Vec<Op>,
+}
+
+impl Durables {
+    /// The records of an activation, from what storage loaded.
+    pub fn load(
+        id: &EntityId,
+        records: &[StoredEntry],
+        now_ms: u64,
+        config: &EntityConfig,
+    ) -> Result<Self, EntityError> {
+        let mut durables = Durables {
+            next_inbox_seq: 1,
+            ..Durables::default()
+        };
+        let mut dedup: Vec<(String, DedupRecord)> = Vec::new();
+        for entry in records {
+            let name = || String::from_utf8_lossy(&entry.name).into_owned();
+            match entry.kind {
+                RecordKind::Timer => {
+                    let what = format!("timer {:?}", name());
+                    let timer: TimerRecord = records::decode(id, &what, &entry.value)?;
+                    durables.timers.insert(name(), timer);
+                }
+                RecordKind::Dedup => {
+                    let what = format!("stored reply of request {:?}", name());
+                    dedup.push((name(), records::decode(id, &what, &entry.value)?));
+                }
+                RecordKind::Inbox => {
+                    let seq = records::parse_inbox_name(&entry.name).ok_or_else(|| {
+                        EntityError::Corrupt {
+                            entity: id.clone(),
+                            detail: format!("inbox record name of {} bytes", entry.name.len()),
+                        }
+                    })?;
+                    let item = records::decode(id, &format!("inbox item {seq}"), &entry.value)?;
+                    durables.inbox.push_back((seq, item));
+                    durables.next_inbox_seq = durables.next_inbox_seq.max(seq + 1);
+                }
+                _ => {}
+            }
+        }
+        dedup.sort_by_key(|(_, record)| record.at_ms);
+        for (request_id, record) in dedup {
+            durables.dedup_order.push_back(request_id.clone());
+            durables.dedup.insert(request_id, record);
+        }
+        let mut forget = Vec::new();
+        durables.prune_dedup(now_ms, config, &mut forget);
+        durables.forget = forget;
+        Ok(durables)
+    }
+
+    /// The stored reply of `request_id`, if it is within the retention window.
+    pub fn stored_reply(&self, request_id: &str) -> Option<&DedupRecord> {
+        self.dedup.get(request_id)
+    }
+
+    /// Records the reply of a committed turn under `request_id` and forgets stored replies
+    /// past the count or age bound, adding the ops to `ops`.
+    pub fn store_reply(
+        &mut self,
+        id: &EntityId,
+        request_id: &str,
+        record: DedupRecord,
+        config: &EntityConfig,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), EntityError> {
+        let now_ms = record.at_ms;
+        ops.push(Op::PutRecord {
+            kind: RecordKind::Dedup,
+            name: request_id.as_bytes().to_vec(),
+            value: records::encode(id, &record)?,
+        });
+        if self.dedup.insert(request_id.to_owned(), record).is_none() {
+            self.dedup_order.push_back(request_id.to_owned());
+        }
+        self.prune_dedup(now_ms, config, ops);
+        Ok(())
+    }
+
+    /// Ops owed from activation (expired stored replies), to add to the next batch.
+    pub fn take_owed(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.forget)
+    }
+
+    fn prune_dedup(&mut self, now_ms: u64, config: &EntityConfig, ops: &mut Vec<Op>) {
+        let window_ms = config.dedup_window.as_millis() as u64;
+        while let Some(oldest) = self.dedup_order.front() {
+            let expired = self
+                .dedup
+                .get(oldest)
+                .is_none_or(|r| r.at_ms.saturating_add(window_ms) < now_ms);
+            if !expired && self.dedup_order.len() <= config.dedup_per_entity_max {
+                break;
+            }
+            if let Some(request_id) = self.dedup_order.pop_front() {
+                self.dedup.remove(&request_id);
+                ops.push(Op::RemoveRecord {
+                    kind: RecordKind::Dedup,
+                    name: request_id.into_bytes(),
+                });
+            }
+        }
+    }
+
+    /// Sets (or replaces) timer `name`.
+    pub fn set_timer(
+        &mut self,
+        id: &EntityId,
+        name: String,
+        record: TimerRecord,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), EntityError> {
+        if name.is_empty() || name.len() > TIMER_NAME_BYTES_MAX {
+            return Err(EntityError::Crashed {
+                entity: id.clone(),
+                reason: format!(
+                    "timer name is {} bytes; it must be 1 to {TIMER_NAME_BYTES_MAX}",
+                    name.len()
+                ),
+            });
+        }
+        self.cancel_timer(&name, ops);
+        ops.push(Op::PutRecord {
+            kind: RecordKind::Timer,
+            name: name.as_bytes().to_vec(),
+            value: records::encode(id, &record)?,
+        });
+        ops.push(Op::PutTimerDue {
+            due_ms: record.due_ms,
+            name: name.as_bytes().to_vec(),
+        });
+        self.timers.insert(name, record);
+        Ok(())
+    }
+
+    /// Cancels (or consumes, when it fires) timer `name`; nothing if it is not pending.
+    pub fn cancel_timer(&mut self, name: &str, ops: &mut Vec<Op>) -> Option<TimerRecord> {
+        let record = self.timers.remove(name)?;
+        ops.push(Op::RemoveRecord {
+            kind: RecordKind::Timer,
+            name: name.as_bytes().to_vec(),
+        });
+        ops.push(Op::RemoveTimerDue {
+            due_ms: record.due_ms,
+            name: name.as_bytes().to_vec(),
+        });
+        Some(record)
+    }
+
+    /// Accepts a message into the inbox; returns its inbox sequence number.
+    pub fn accept_into_inbox(
+        &mut self,
+        id: &EntityId,
+        item: InboxItem,
+        ops: &mut Vec<Op>,
+    ) -> Result<u64, EntityError> {
+        let seq = self.next_inbox_seq;
+        ops.push(Op::PutRecord {
+            kind: RecordKind::Inbox,
+            name: records::inbox_name(seq),
+            value: records::encode(id, &item)?,
+        });
+        self.next_inbox_seq += 1;
+        self.inbox.push_back((seq, item));
+        Ok(seq)
+    }
+
+    /// The ops that remove every timer index entry of the entity (before a `Delete`).
+    pub fn timer_index_removals(&self) -> Vec<Op> {
+        self.timers
+            .iter()
+            .map(|(name, record)| Op::RemoveTimerDue {
+                due_ms: record.due_ms,
+                name: name.as_bytes().to_vec(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn config(max: usize, window_ms: u64) -> EntityConfig {
+        EntityConfig {
+            idle_timeout: Duration::from_secs(1),
+            snapshot_every_events: 0,
+            mailbox_capacity: 1,
+            dedup_window: Duration::from_millis(window_ms),
+            dedup_per_entity_max: max,
+            dead_letter_after_crashes: 3,
+        }
+    }
+
+    fn reply(at_ms: u64) -> DedupRecord {
+        DedupRecord {
+            at_ms,
+            seq: 1,
+            reply: json!(at_ms),
+        }
+    }
+
+    #[test]
+    fn request_ids_are_checked() {
+        assert!(validate_request_id("abc-123_X").is_ok());
+        assert!(validate_request_id("").is_err());
+        assert!(validate_request_id("has space").is_err());
+        assert!(validate_request_id(&"x".repeat(129)).is_err());
+        assert!(validate_request_id("é").is_err());
+    }
+
+    #[test]
+    fn stored_replies_are_bounded_by_count_and_age() {
+        let id = EntityId::new("t", "k").unwrap();
+        let config = config(2, 1000);
+        let mut durables = Durables::default();
+        let mut ops = Vec::new();
+        durables
+            .store_reply(&id, "a", reply(10), &config, &mut ops)
+            .unwrap();
+        durables
+            .store_reply(&id, "b", reply(20), &config, &mut ops)
+            .unwrap();
+        ops.clear();
+        durables
+            .store_reply(&id, "c", reply(30), &config, &mut ops)
+            .unwrap();
+        assert!(durables.stored_reply("a").is_none());
+        assert!(ops.contains(&Op::RemoveRecord {
+            kind: RecordKind::Dedup,
+            name: b"a".to_vec()
+        }));
+        ops.clear();
+        // Past the window: b and c go when d is stored.
+        durables
+            .store_reply(&id, "d", reply(1031), &config, &mut ops)
+            .unwrap();
+        assert!(durables.stored_reply("b").is_none());
+        assert!(durables.stored_reply("c").is_none());
+        assert_eq!(durables.stored_reply("d").unwrap().reply, json!(1031));
+    }
+
+    #[test]
+    fn loading_forgets_expired_replies_with_the_next_batch() {
+        let id = EntityId::new("t", "k").unwrap();
+        let config = config(10, 100);
+        let entry = |name: &str, at_ms| StoredEntry {
+            kind: RecordKind::Dedup,
+            name: name.as_bytes().to_vec(),
+            value: records::encode(&id, &reply(at_ms)).unwrap(),
+        };
+        let mut durables =
+            Durables::load(&id, &[entry("old", 1), entry("new", 950)], 1000, &config).unwrap();
+        assert!(durables.stored_reply("old").is_none());
+        assert!(durables.stored_reply("new").is_some());
+        assert_eq!(
+            durables.take_owed(),
+            vec![Op::RemoveRecord {
+                kind: RecordKind::Dedup,
+                name: b"old".to_vec()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_replaced_timer_leaves_no_stale_index_entry() {
+        let id = EntityId::new("t", "k").unwrap();
+        let mut durables = Durables::default();
+        let mut ops = Vec::new();
+        let timer = |due_ms| TimerRecord {
+            due_ms,
+            payload: json!(null),
+        };
+        durables
+            .set_timer(&id, "t".into(), timer(10), &mut ops)
+            .unwrap();
+        ops.clear();
+        durables
+            .set_timer(&id, "t".into(), timer(20), &mut ops)
+            .unwrap();
+        assert!(ops.contains(&Op::RemoveTimerDue {
+            due_ms: 10,
+            name: b"t".to_vec()
+        }));
+        assert!(ops.contains(&Op::PutTimerDue {
+            due_ms: 20,
+            name: b"t".to_vec()
+        }));
+        assert_eq!(durables.timers["t"].due_ms, 20);
+        assert!(durables
+            .set_timer(&id, String::new(), timer(1), &mut ops)
+            .is_err());
+    }
+}
