@@ -5,7 +5,9 @@ use std::sync::Arc;
 use statehouse_proto::v1::admin_service_server::AdminService;
 use statehouse_proto::v1::{
     BehaviourInfo, BehaviourVersion, DeployBehaviourRequest, DeployBehaviourResponse,
-    ListBehavioursRequest, ListBehavioursResponse, ResetEntityRequest, ResetEntityResponse,
+    DiscardDeadLetterRequest, DiscardDeadLetterResponse, ListBehavioursRequest,
+    ListBehavioursResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    RedriveDeadLetterRequest, RedriveDeadLetterResponse, ResetEntityRequest, ResetEntityResponse,
     RollbackBehaviourRequest, RollbackBehaviourResponse, SupervisionTreeRequest,
     SupervisionTreeResponse, TreeNode as WireNode,
 };
@@ -144,5 +146,26 @@ impl AdminService for AdminApi {
         };
         let was_quarantined = self.shards.reset(id).await?;
         Ok(Response::new(ResetEntityResponse { was_quarantined }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        _request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        Err(Status::unimplemented("dead letters are not wired yet"))
+    }
+
+    async fn redrive_dead_letter(
+        &self,
+        _request: Request<RedriveDeadLetterRequest>,
+    ) -> Result<Response<RedriveDeadLetterResponse>, Status> {
+        Err(Status::unimplemented("dead letters are not wired yet"))
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        _request: Request<DiscardDeadLetterRequest>,
+    ) -> Result<Response<DiscardDeadLetterResponse>, Status> {
+        Err(Status::unimplemented("dead letters are not wired yet"))
     }
 }

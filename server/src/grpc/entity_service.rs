@@ -73,6 +73,7 @@ async fn pipeline_call(
             seq: outcome.seq,
             code: 0,
             error: String::new(),
+            deduplicated: false,
         },
         Err(status) => PipelineResponse {
             id,
@@ -80,6 +81,7 @@ async fn pipeline_call(
             seq: 0,
             code: status.code() as i32,
             error: status.message().to_owned(),
+            deduplicated: false,
         },
     }
 }
@@ -171,6 +173,7 @@ impl EntityService for EntityApi {
         Ok(Response::new(CallResponse {
             reply: Some(json_to_proto(outcome.reply)),
             seq: outcome.seq,
+            deduplicated: false,
         }))
     }
 
@@ -179,7 +182,9 @@ impl EntityService for EntityApi {
         let message = message(request.message)?;
         self.shards
             .cast(address(request.r#type, request.key), message)?;
-        Ok(Response::new(CastResponse {}))
+        Ok(Response::new(CastResponse {
+            deduplicated: false,
+        }))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
