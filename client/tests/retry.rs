@@ -55,14 +55,16 @@ impl Fake {
         self.script.lock().unwrap().attempts.clone()
     }
 
-    /// Records an attempt; answers the scripted failure or `Ok(number of attempts)`.
+    /// Records an attempt; answers the scripted failure, or the number of attempts so far
+    /// and whether an earlier attempt carried the same request id.
     fn attempt<T>(
         &self,
         request: &Request<T>,
         request_id: &str,
         durable: bool,
-    ) -> Result<usize, Status> {
+    ) -> Result<(usize, bool), Status> {
         let mut script = self.script.lock().unwrap();
+        let seen = script.attempts.iter().any(|a| a.request_id == request_id);
         script.attempts.push(Attempt {
             request_id: request_id.to_owned(),
             durable,
@@ -77,7 +79,7 @@ impl Fake {
             let code = script.code.unwrap_or(Code::Unavailable);
             return Err(Status::new(code, "scripted failure"));
         }
-        Ok(script.attempts.len())
+        Ok((script.attempts.len(), seen))
     }
 }
 
@@ -90,12 +92,12 @@ impl EntityService for Fake {
 
     async fn call(&self, request: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
         let id = request.get_ref().request_id.clone();
-        let attempts = self.attempt(&request, &id, false)?;
+        let (attempts, seen) = self.attempt(&request, &id, false)?;
         Ok(Response::new(CallResponse {
             reply: Some(json_to_proto(json!({"attempts": attempts}))),
             seq: 1,
-            // As a server would answer a retry of a call whose first attempt committed.
-            deduplicated: attempts > 1,
+            // As a server answers a retry of a call whose first attempt committed.
+            deduplicated: seen,
         }))
     }
 
@@ -104,10 +106,8 @@ impl EntityService for Fake {
             request.get_ref().request_id.clone(),
             request.get_ref().durable,
         );
-        let attempts = self.attempt(&request, &id, durable)?;
-        Ok(Response::new(CastResponse {
-            deduplicated: attempts > 1,
-        }))
+        let (_, seen) = self.attempt(&request, &id, durable)?;
+        Ok(Response::new(CastResponse { deduplicated: seen }))
     }
 
     async fn get(&self, _: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -247,8 +247,8 @@ impl AdminService for FakeAdmin {
     }
 }
 
-/// Serves `fake` (and a [`FakeAdmin`]) on 127.0.0.1:0; returns a client connected to it.
-async fn serve(fake: Fake, admin: FakeAdmin) -> Client {
+/// Serves `fake` and `admin` on 127.0.0.1:0; returns the server's URL.
+async fn serve_url(fake: Fake, admin: FakeAdmin) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(
@@ -257,7 +257,25 @@ async fn serve(fake: Fake, admin: FakeAdmin) -> Client {
             .add_service(AdminServiceServer::new(admin))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-    Client::connect(format!("http://{address}")).await.unwrap()
+    format!("http://{address}")
+}
+
+/// Serves `fake` and `admin` on 127.0.0.1:0; returns a client connected to them.
+async fn serve(fake: Fake, admin: FakeAdmin) -> Client {
+    Client::connect(serve_url(fake, admin).await).await.unwrap()
+}
+
+/// Runs the `statehouse` CLI against `url`; returns (exit code, stdout, stderr).
+async fn cli(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_statehouse"))
+        .arg("--server")
+        .arg(url)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+    (out.status.code(), text(out.stdout), text(out.stderr))
 }
 
 /// A fast schedule for tests: 1 ms, 2 ms, 4 ms, … capped at 8 ms.
@@ -525,4 +543,80 @@ async fn dead_letters_are_listed_across_pages_redriven_and_discarded() {
         .discard_dead_letter("crashy", "k", "9")
         .await
         .unwrap());
+}
+
+#[tokio::test]
+async fn the_cli_sends_request_ids_and_durable_casts_and_notes_deduplication() {
+    let fake = Fake::failing(1, Code::Unavailable);
+    let url = serve_url(fake.clone(), FakeAdmin::default()).await;
+    let (code, stdout, stderr) =
+        cli(&url, &["call", "counter", "k", "{}", "--request-id", "r-1"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.trim(), r#"{"attempts":2}"#);
+    assert!(
+        stderr.contains("deduplicated") && stderr.contains("r-1"),
+        "{stderr}"
+    );
+    assert_eq!(ids(&fake.attempts()), ["r-1", "r-1"]);
+
+    let (code, stdout, stderr) = cli(&url, &["cast", "counter", "k", "{}", "--durable"]).await;
+    assert_eq!((code, stdout.trim()), (Some(0), "{}"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let last = fake.attempts().pop().unwrap();
+    assert!(last.durable);
+    assert_eq!(last.request_id.len(), 32);
+
+    // --no-retry: one attempt; the error names the request id to repeat it with.
+    fake.script.lock().unwrap().failures = 5;
+    let before = fake.attempts().len();
+    let (code, _, stderr) = cli(
+        &url,
+        &[
+            "call",
+            "counter",
+            "k",
+            "{}",
+            "--no-retry",
+            "--request-id",
+            "r-2",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: UNAVAILABLE: scripted failure"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--request-id r-2"), "{stderr}");
+    assert_eq!(fake.attempts().len(), before + 1);
+}
+
+#[tokio::test]
+async fn the_cli_lists_redrives_and_discards_dead_letters() {
+    let url = serve_url(Fake::default(), FakeAdmin::default()).await;
+    let (code, stdout, stderr) = cli(&url, &["dead-letters", "--type", "crashy"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(lines[0].starts_with("TYPE"), "{stdout}");
+    assert!(
+        lines[1].starts_with("crashy  k    1   durable_cast  4         poison pill"),
+        "{stdout}"
+    );
+
+    let (code, stdout, _) = cli(&url, &["dead-letters", "--json"]).await;
+    assert_eq!(code, Some(0));
+    let letters: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(letters.as_array().map(Vec::len), Some(3));
+    assert_eq!(letters[2]["id"], "3");
+    assert_eq!(letters[2]["type"], "crashy");
+    assert_eq!(letters[2]["origin"], "client");
+
+    let (code, stdout, _) = cli(&url, &["redrive", "crashy", "k", "1"]).await;
+    assert_eq!((code, stdout.trim()), (Some(0), r#"{"redriven":true}"#));
+    let (code, _, stderr) = cli(&url, &["redrive", "crashy", "k", "9"]).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.starts_with("error: NOT_FOUND: "), "{stderr}");
+    let (code, stdout, _) = cli(&url, &["discard", "crashy", "k", "9"]).await;
+    assert_eq!((code, stdout.trim()), (Some(0), r#"{"existed":false}"#));
 }
