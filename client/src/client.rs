@@ -7,6 +7,12 @@
 //! Deadlines: with [`Client::with_timeout`] every request carries a `grpc-timeout` header the
 //! server honours end to end, and the client itself gives up at the same instant, so no call
 //! waits longer than the timeout even if the server never answers.
+//!
+//! Idempotency and retries: every `Call` and `Cast` carries a request id (see
+//! [`crate::request_id`]), generated per logical call unless the caller brings one in
+//! [`CallOptions`] / [`CastOptions`]. A request answered `UNAVAILABLE` is retried with the
+//! same id under the client's [`RetryPolicy`] ([`Client::with_retry`]), which the server's
+//! deduplication makes safe; the timeout bounds the call with all its retries.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -15,15 +21,18 @@ use serde_json::Value;
 use statehouse_proto::v1::admin_service_client::AdminServiceClient;
 use statehouse_proto::v1::entity_service_client::EntityServiceClient;
 use statehouse_proto::v1::{
-    CallRequest, CastRequest, DeleteRequest, GetRequest, ListRequest, StopRequest,
+    CallRequest, CastRequest, DeleteRequest, DiscardDeadLetterRequest, GetRequest,
+    ListDeadLettersRequest, ListRequest, RedriveDeadLetterRequest, StopRequest,
 };
 use statehouse_proto::value::{json_to_proto, proto_to_json};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
-use crate::admin::{BehaviourInfo, TreeNode};
+use crate::admin::{BehaviourInfo, DeadLetter, DeadLetterPage, TreeNode};
 use crate::error::{error_chain, ClientError};
 use crate::pipeline::{PipelineReceiver, PipelineSender, PIPELINE_SEND_BUFFER};
+use crate::request_id;
+use crate::retry::RetryPolicy;
 use crate::watch::Watch;
 use crate::{Counter, Kv, Register};
 
@@ -35,8 +44,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// send a different number.
 pub const EXACT_INTEGER_MAX: u64 = 1 << 53;
 
-/// The most pages [`Client::list_all`] follows: 100 000 pages of up to 1000 keys. A bound,
-/// so a server that never stops handing out page tokens cannot keep the client looping.
+/// The most pages [`Client::list_all`] (and [`Client::list_all_dead_letters`]) follows:
+/// 100 000 pages of up to 1000 keys. A bound, so a server that never stops handing out page
+/// tokens cannot keep the client looping.
 pub const LIST_PAGES_MAX: usize = 100_000;
 
 /// A connection to one statehouse server.
@@ -46,6 +56,7 @@ pub struct Client {
     admin: AdminServiceClient<Channel>,
     url: String,
     timeout: Option<Duration>,
+    retry: RetryPolicy,
 }
 
 /// What a [`Client::call`] returns: the entity's reply and its sequence number after the
@@ -56,6 +67,94 @@ pub struct CallOutcome {
     pub reply: Value,
     /// The entity's sequence number after this message.
     pub seq: u64,
+    /// True when the reply is the server's stored reply to an earlier request with the same
+    /// request id (e.g. the first attempt of a retried call committed): the handler did not
+    /// run again.
+    pub deduplicated: bool,
+}
+
+/// What a [`Client::cast_with`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CastOutcome {
+    /// True when a durable cast with this request id had already been accepted, so it was
+    /// not enqueued again.
+    pub deduplicated: bool,
+}
+
+/// Per-call options of [`Client::call_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallOptions {
+    /// The request id (idempotency key); `None`: a fresh one per call. Must be 1..=128 bytes
+    /// of printable ASCII.
+    pub request_id: Option<String>,
+    /// How to retry `UNAVAILABLE`; `None`: the client's policy ([`Client::with_retry`]).
+    pub retry: Option<RetryPolicy>,
+}
+
+impl CallOptions {
+    /// The defaults: a generated request id, the client's retry policy.
+    pub fn new() -> Self {
+        CallOptions::default()
+    }
+
+    /// Uses `id` as the request id.
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
+
+    /// Retries with `policy` instead of the client's.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Makes exactly one attempt.
+    pub fn no_retry(self) -> Self {
+        self.retry(RetryPolicy::none())
+    }
+}
+
+/// Per-cast options of [`Client::cast_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CastOptions {
+    /// The request id (idempotency key); `None`: a fresh one per cast.
+    pub request_id: Option<String>,
+    /// How to retry `UNAVAILABLE`; `None`: the client's policy.
+    pub retry: Option<RetryPolicy>,
+    /// Write the message to the entity's durable inbox before the cast returns, so it is
+    /// processed even if the server crashes first; with a request id it is accepted once.
+    pub durable: bool,
+}
+
+impl CastOptions {
+    /// The defaults: a generated request id, the client's retry policy, not durable.
+    pub fn new() -> Self {
+        CastOptions::default()
+    }
+
+    /// Uses `id` as the request id.
+    pub fn request_id(mut self, id: impl Into<String>) -> Self {
+        self.request_id = Some(id.into());
+        self
+    }
+
+    /// Retries with `policy` instead of the client's.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Makes exactly one attempt.
+    pub fn no_retry(self) -> Self {
+        self.retry(RetryPolicy::none())
+    }
+
+    /// Makes the cast durable (see [`CastOptions::durable`]).
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
+    }
 }
 
 /// An entity's last committed state, as [`Client::get`] returns it.
@@ -96,7 +195,20 @@ impl Client {
             admin: AdminServiceClient::new(channel),
             url,
             timeout: None,
+            retry: RetryPolicy::default(),
         })
+    }
+
+    /// Returns this client with `policy` as the default retry policy of its calls and casts
+    /// (initially [`RetryPolicy::default`]; [`RetryPolicy::none`] turns retries off).
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Client {
+        self.retry = policy;
+        self
+    }
+
+    /// The default retry policy of calls and casts.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
     }
 
     /// Returns this client with a deadline on every request it sends (sent to the server
@@ -118,44 +230,94 @@ impl Client {
 
     /// Sends `message` to the entity `(entity_type, key)` and waits for its reply, which the
     /// server sends only once the changes the message caused are durable.
+    ///
+    /// The request carries a fresh request id and is retried on `UNAVAILABLE` under the
+    /// client's [`RetryPolicy`]; [`Client::call_with`] chooses otherwise.
     pub async fn call(
         &self,
         entity_type: &str,
         key: &str,
         message: Value,
     ) -> Result<CallOutcome, ClientError> {
+        self.call_with(entity_type, key, message, CallOptions::default())
+            .await
+    }
+
+    /// [`Client::call`] with a caller's request id and/or retry policy.
+    pub async fn call_with(
+        &self,
+        entity_type: &str,
+        key: &str,
+        message: Value,
+        options: CallOptions,
+    ) -> Result<CallOutcome, ClientError> {
         check_exact_integers(&message)?;
         let request = CallRequest {
             r#type: entity_type.to_owned(),
             key: key.to_owned(),
             message: Some(json_to_proto(message)),
+            request_id: request_id::resolve(options.request_id.as_deref())?,
         };
-        let mut inner = self.inner.clone();
-        let response = self.send(inner.call(self.request(request))).await?;
+        let policy = options.retry.unwrap_or(self.retry);
+        let response = self
+            .retrying(policy, |budget| {
+                let mut inner = self.inner.clone();
+                let request = self.request_within(request.clone(), budget);
+                async move { self.send_within(inner.call(request), budget).await }
+            })
+            .await?;
         let reply = decode_value(response.reply, || format!("call {entity_type}/{key}"))?;
         Ok(CallOutcome {
             reply,
             seq: response.seq,
+            deduplicated: response.deduplicated,
         })
     }
 
     /// Enqueues `message` in the entity's mailbox and returns once the server accepted it,
     /// without waiting for the entity to handle it.
+    ///
+    /// Like [`Client::call`], it carries a fresh request id and is retried on `UNAVAILABLE`;
+    /// [`Client::cast_with`] makes it durable or chooses the id and retries.
     pub async fn cast(
         &self,
         entity_type: &str,
         key: &str,
         message: Value,
     ) -> Result<(), ClientError> {
+        self.cast_with(entity_type, key, message, CastOptions::default())
+            .await
+            .map(drop)
+    }
+
+    /// [`Client::cast`] with options: durable (written to the entity's durable inbox before
+    /// the server accepts it), a caller's request id, a retry policy.
+    pub async fn cast_with(
+        &self,
+        entity_type: &str,
+        key: &str,
+        message: Value,
+        options: CastOptions,
+    ) -> Result<CastOutcome, ClientError> {
         check_exact_integers(&message)?;
         let request = CastRequest {
             r#type: entity_type.to_owned(),
             key: key.to_owned(),
             message: Some(json_to_proto(message)),
+            request_id: request_id::resolve(options.request_id.as_deref())?,
+            durable: options.durable,
         };
-        let mut inner = self.inner.clone();
-        self.send(inner.cast(self.request(request))).await?;
-        Ok(())
+        let policy = options.retry.unwrap_or(self.retry);
+        let response = self
+            .retrying(policy, |budget| {
+                let mut inner = self.inner.clone();
+                let request = self.request_within(request.clone(), budget);
+                async move { self.send_within(inner.cast(request), budget).await }
+            })
+            .await?;
+        Ok(CastOutcome {
+            deduplicated: response.deduplicated,
+        })
     }
 
     /// Returns the entity's last committed state. An entity that never committed a change
@@ -229,31 +391,106 @@ impl Client {
         key_prefix: &str,
         page_size: u32,
     ) -> Result<Vec<String>, ClientError> {
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        for _ in 0..LIST_PAGES_MAX {
+        collect_pages(&format!("list {entity_type}"), |token| async move {
             let page = self
                 .list(entity_type, key_prefix, page_size, token.as_deref())
                 .await?;
-            keys.extend(page.keys);
-            match page.next_page_token {
-                None => return Ok(keys),
-                // A server that hands back the token it was given would loop forever.
-                Some(next) if token.as_deref() == Some(next.as_str()) => {
-                    return Err(ClientError::UnexpectedReply {
-                        request: format!("list {entity_type}"),
-                        reason: format!("the server returned page token {next:?} twice"),
-                        reply: Value::Null,
-                    });
-                }
-                Some(next) => token = Some(next),
-            }
-        }
-        Err(ClientError::UnexpectedReply {
-            request: format!("list {entity_type}"),
-            reason: format!("more than {LIST_PAGES_MAX} pages"),
-            reply: Value::Null,
+            Ok((page.keys, page.next_page_token))
         })
+        .await
+    }
+
+    /// One page of dead letters: messages the server gave up on. `entity_type` `None` (or
+    /// empty) means every type; `key` narrows to one entity and needs a type. `page_size` 0
+    /// means the server's default; `page_token` is `None` for the first page.
+    pub async fn list_dead_letters(
+        &self,
+        entity_type: Option<&str>,
+        key: Option<&str>,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<DeadLetterPage, ClientError> {
+        let entity_type = entity_type.unwrap_or_default();
+        let key = key.unwrap_or_default();
+        if entity_type.is_empty() && !key.is_empty() {
+            return Err(ClientError::InvalidRequest {
+                reason: format!("a key filter ({key:?}) needs a type filter too"),
+            });
+        }
+        let request = ListDeadLettersRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+            page_size,
+            page_token: page_token.unwrap_or_default().to_owned(),
+        };
+        let mut admin = self.admin.clone();
+        let response = self
+            .send(admin.list_dead_letters(self.request(request)))
+            .await?;
+        let dead_letters = response
+            .dead_letters
+            .into_iter()
+            .map(DeadLetter::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DeadLetterPage {
+            dead_letters,
+            next_page_token: Some(response.next_page_token).filter(|token| !token.is_empty()),
+        })
+    }
+
+    /// Every dead letter matching the filters of [`Client::list_dead_letters`], following the
+    /// pages (at most [`LIST_PAGES_MAX`] of them).
+    pub async fn list_all_dead_letters(
+        &self,
+        entity_type: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, ClientError> {
+        collect_pages("list dead letters", |token| async move {
+            let page = self
+                .list_dead_letters(entity_type, key, 0, token.as_deref())
+                .await?;
+            Ok((page.dead_letters, page.next_page_token))
+        })
+        .await
+    }
+
+    /// Puts dead letter `id` of entity `(entity_type, key)` back into the entity's durable
+    /// inbox and removes the dead letter. `NOT_FOUND` if there is no such dead letter.
+    pub async fn redrive_dead_letter(
+        &self,
+        entity_type: &str,
+        key: &str,
+        id: &str,
+    ) -> Result<(), ClientError> {
+        let request = RedriveDeadLetterRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+            id: id.to_owned(),
+        };
+        let mut admin = self.admin.clone();
+        self.send(admin.redrive_dead_letter(self.request(request)))
+            .await?;
+        Ok(())
+    }
+
+    /// Removes dead letter `id` of entity `(entity_type, key)` for good. Returns whether it
+    /// existed.
+    pub async fn discard_dead_letter(
+        &self,
+        entity_type: &str,
+        key: &str,
+        id: &str,
+    ) -> Result<bool, ClientError> {
+        let request = DiscardDeadLetterRequest {
+            r#type: entity_type.to_owned(),
+            key: key.to_owned(),
+            id: id.to_owned(),
+        };
+        let mut admin = self.admin.clone();
+        let response = self
+            .send(admin.discard_dead_letter(self.request(request)))
+            .await?;
+        Ok(response.existed)
     }
 
     /// A typed handle on the built-in `counter` entity `key`.
@@ -271,7 +508,6 @@ impl Client {
         Kv::new(self.clone(), key.into())
     }
 
-    /// Wraps a message in a request carrying this client's deadline.
     /// Watches an entity's committed turns: from now (its current state first), or after
     /// `from_seq` (catching up from storage). See [`crate::watch`].
     pub async fn watch(
@@ -372,34 +608,51 @@ impl Client {
         Ok(response.was_quarantined)
     }
 
+    /// Wraps a message in a request carrying this client's deadline.
     fn request<T>(&self, message: T) -> Request<T> {
+        self.request_within(message, self.timeout)
+    }
+
+    /// Wraps a message in a request carrying the deadline `budget` from now.
+    fn request_within<T>(&self, message: T, budget: Option<Duration>) -> Request<T> {
         let mut request = Request::new(message);
-        if let Some(timeout) = self.timeout {
-            request.set_timeout(timeout);
+        if let Some(budget) = budget {
+            request.set_timeout(budget);
         }
         request
     }
 
     /// Awaits one RPC, giving up at this client's deadline even if the server stays silent.
-    ///
-    /// tonic's server transport answers an expired `grpc-timeout` with `CANCELLED`
-    /// ("Timeout expired"). A `CANCELLED` that arrives after this client's own deadline has
-    /// passed is that deadline, so it is reported as `DEADLINE_EXCEEDED`, as gRPC clients do.
     async fn send<T>(
         &self,
         rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, ClientError> {
-        let Some(timeout) = self.timeout else {
+        self.send_within(rpc, self.timeout).await
+    }
+
+    /// Awaits one RPC, giving up after `budget` even if the server stays silent.
+    ///
+    /// tonic's server transport answers an expired `grpc-timeout` with `CANCELLED`
+    /// ("Timeout expired"). A `CANCELLED` that arrives after the deadline has passed is that
+    /// deadline, so it is reported as `DEADLINE_EXCEEDED`, as gRPC clients do.
+    async fn send_within<T>(
+        &self,
+        rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        budget: Option<Duration>,
+    ) -> Result<T, ClientError> {
+        let Some(budget) = budget else {
             return Ok(rpc.await?.into_inner());
         };
         let started = Instant::now();
+        // The message names the whole call's deadline, which retries share.
+        let timeout = self.timeout.unwrap_or(budget);
         let deadline_exceeded = |detail: String| ClientError::Status {
             code: Code::DeadlineExceeded,
             message: format!("deadline of {} ms exceeded{detail}", timeout.as_millis()),
         };
-        match tokio::time::timeout(timeout, rpc).await {
+        match tokio::time::timeout(budget, rpc).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) if status.code() == Code::Cancelled && started.elapsed() >= timeout => {
+            Ok(Err(status)) if status.code() == Code::Cancelled && started.elapsed() >= budget => {
                 Err(deadline_exceeded(format!(
                     " (the server answered CANCELLED: {})",
                     status.message()
@@ -409,6 +662,78 @@ impl Client {
             Err(_) => Err(deadline_exceeded(" with no answer".to_owned())),
         }
     }
+
+    /// Runs `attempt` until it succeeds, fails with a code `policy` does not retry, runs out
+    /// of attempts, or the client's timeout would pass before the next attempt could start.
+    /// Each attempt gets what remains of the timeout as its `budget`.
+    async fn retrying<T, F, Fut>(
+        &self,
+        policy: RetryPolicy,
+        mut attempt: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(Option<Duration>) -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
+        let remaining =
+            || deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let err = match attempt(remaining()).await {
+                Ok(answer) => return Ok(answer),
+                Err(err) => err,
+            };
+            let jitter = rand::random::<f64>();
+            match policy.next_wait(attempts, err.code(), remaining(), jitter) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(gave_up(err, attempts)),
+            }
+        }
+    }
+}
+
+/// The error of the last attempt, saying how many were made when there was more than one.
+fn gave_up(err: ClientError, attempts: u32) -> ClientError {
+    match err {
+        ClientError::Status { code, message } if attempts > 1 => ClientError::Status {
+            code,
+            message: format!("{message} (after {attempts} attempts)"),
+        },
+        err => err,
+    }
+}
+
+/// Fetches pages with `fetch(page_token)` until the last one (at most [`LIST_PAGES_MAX`]),
+/// refusing a server that hands back the token it was given, which would loop forever.
+async fn collect_pages<T, F, Fut>(request: &str, mut fetch: F) -> Result<Vec<T>, ClientError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, Option<String>), ClientError>>,
+{
+    let mut items = Vec::new();
+    let mut token: Option<String> = None;
+    for _ in 0..LIST_PAGES_MAX {
+        let (page, next) = fetch(token.clone()).await?;
+        items.extend(page);
+        match next {
+            None => return Ok(items),
+            Some(next) if token.as_deref() == Some(next.as_str()) => {
+                return Err(ClientError::UnexpectedReply {
+                    request: request.to_owned(),
+                    reason: format!("the server returned page token {next:?} twice"),
+                    reply: Value::Null,
+                });
+            }
+            Some(next) => token = Some(next),
+        }
+    }
+    Err(ClientError::UnexpectedReply {
+        request: request.to_owned(),
+        reason: format!("more than {LIST_PAGES_MAX} pages"),
+        reply: Value::Null,
+    })
 }
 
 /// Refuses a message holding an integer beyond ±[`EXACT_INTEGER_MAX`], which the wire's

@@ -25,6 +25,20 @@ pub enum ClientError {
         /// What is wrong with it, and where.
         reason: String,
     },
+    /// A caller's request id is not 1..=128 bytes of printable ASCII.
+    #[error("invalid request id {id:?}: {reason}")]
+    InvalidRequestId {
+        /// The id as given.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The arguments of a request do not fit together, e.g. a key filter without a type.
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
     /// No connection could be made to the server.
     #[error("cannot connect to {url}: {reason}")]
     Connect {
@@ -61,9 +75,10 @@ impl ClientError {
     /// connection `UNAVAILABLE`, a reply the client cannot read `INTERNAL`.
     pub fn code(&self) -> Code {
         match self {
-            ClientError::InvalidUrl { .. } | ClientError::InvalidMessage { .. } => {
-                Code::InvalidArgument
-            }
+            ClientError::InvalidUrl { .. }
+            | ClientError::InvalidMessage { .. }
+            | ClientError::InvalidRequestId { .. }
+            | ClientError::InvalidRequest { .. } => Code::InvalidArgument,
             ClientError::Connect { .. } => Code::Unavailable,
             ClientError::Status { code, .. } => *code,
             ClientError::UnexpectedReply { .. } => Code::Internal,
@@ -81,11 +96,15 @@ impl ClientError {
     }
 
     /// Whether the failure happened before any request reached a server (a bad URL, a
-    /// message that cannot be sent), so retrying cannot help and the input must be fixed.
+    /// message that cannot be sent, a malformed request id), so retrying cannot help and the
+    /// input must be fixed.
     pub fn is_local_input(&self) -> bool {
         matches!(
             self,
-            ClientError::InvalidUrl { .. } | ClientError::InvalidMessage { .. }
+            ClientError::InvalidUrl { .. }
+                | ClientError::InvalidMessage { .. }
+                | ClientError::InvalidRequestId { .. }
+                | ClientError::InvalidRequest { .. }
         )
     }
 }

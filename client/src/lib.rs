@@ -20,8 +20,12 @@
 //!
 //! # Layout
 //!
-//! - [`client`]: [`Client`], the connection and the six `EntityService` calls on JSON values.
-//! - [`admin`]: the supervision tree as [`admin::TreeNode`], and its rendering for people.
+//! - [`client`]: [`Client`], the connection and the `EntityService` calls on JSON values, with
+//!   per-call options ([`CallOptions`], [`CastOptions`]), and the admin calls.
+//! - [`request_id`]: idempotency keys, generated or the caller's, checked before sending.
+//! - [`retry`]: [`RetryPolicy`], how `UNAVAILABLE` is retried with the same request id.
+//! - [`admin`]: the supervision tree as [`admin::TreeNode`], dead letters as
+//!   [`admin::DeadLetter`], and their renderings for people.
 //! - [`pipeline`]: many calls in flight on one `Pipeline` stream.
 //! - [`watch`]: a stream of an entity's committed turns.
 //! - [`error`]: [`ClientError`], which keeps the gRPC code and message of every failure.
@@ -42,11 +46,17 @@ pub mod kv;
 pub mod pipeline;
 pub mod register;
 mod reply;
+pub mod request_id;
+pub mod retry;
 pub mod watch;
 
-pub use client::{CallOutcome, Client, EntityState, ListPage};
+pub use admin::{DeadLetter, DeadLetterPage};
+pub use client::{
+    CallOptions, CallOutcome, CastOptions, CastOutcome, Client, EntityState, ListPage,
+};
 pub use counter::Counter;
 pub use error::{code_name, ClientError};
 pub use kv::{Kv, KvCas, KvField};
 pub use register::{Register, RegisterCas, Versioned};
+pub use retry::RetryPolicy;
 pub use tonic::Code;

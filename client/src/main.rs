@@ -1,9 +1,14 @@
 //! `statehouse`: the command-line client of a statehouse server.
 //!
-//! Every subcommand prints JSON on stdout. On failure it prints `error: CODE: message` on
-//! stderr (CODE is the gRPC code name, e.g. `INVALID_ARGUMENT`) and exits with status 2 when
-//! the local input was wrong (a JSON argument that does not parse, a bad URL) and 1 when the
-//! server or the connection failed.
+//! Every subcommand prints JSON on stdout (`tree` and `dead-letters` print for people unless
+//! given `--json`). On failure it prints `error: CODE: message` on stderr (CODE is the gRPC
+//! code name, e.g. `INVALID_ARGUMENT`) and exits with status 2 when the local input was wrong
+//! (a JSON argument that does not parse, a bad URL or request id) and 1 when the server or
+//! the connection failed.
+//!
+//! `call` and `cast` send a request id (`--request-id`, or a generated one) and retry
+//! `UNAVAILABLE` with it (unless `--no-retry`); when a call fails without a known outcome the
+//! error names the id, so the call can be retried by hand without running twice.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -11,8 +16,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
+use statehouse_client::admin::render_dead_letters;
 use statehouse_client::client::check_exact_integers;
-use statehouse_client::{Client, ClientError};
+use statehouse_client::{request_id, CallOptions, CastOptions, Client, ClientError, Code};
 
 /// Talk to the entities of a statehouse server. Prints JSON on stdout.
 #[derive(Debug, Parser)]
@@ -38,6 +44,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Send a message and print the entity's reply, e.g. `call counter visits '{"op":"incr"}'`.
+    /// A reply the server had stored for an earlier request with the same id is printed the
+    /// same, with a note on stderr.
     Call {
         /// The entity type, e.g. `counter`.
         #[arg(value_name = "TYPE")]
@@ -47,6 +55,13 @@ enum Command {
         /// The message, as JSON.
         #[arg(value_name = "JSON")]
         message: String,
+        /// The idempotency key (1-128 printable ASCII characters; default: a random one). A
+        /// repeat with the same id gets the stored reply without running the handler again.
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+        /// Make one attempt: do not retry UNAVAILABLE.
+        #[arg(long)]
+        no_retry: bool,
     },
     /// Enqueue a message without waiting for the reply; prints `{}` once accepted.
     Cast {
@@ -58,6 +73,17 @@ enum Command {
         /// The message, as JSON.
         #[arg(value_name = "JSON")]
         message: String,
+        /// Write the message to the entity's durable inbox before returning, so it is
+        /// processed even if the server crashes first.
+        #[arg(long)]
+        durable: bool,
+        /// The idempotency key (default: a random one); a durable cast repeated with the same
+        /// id is accepted once.
+        #[arg(long, value_name = "ID")]
+        request_id: Option<String>,
+        /// Make one attempt: do not retry UNAVAILABLE.
+        #[arg(long)]
+        no_retry: bool,
     },
     /// Print the entity's committed state: `{"state":…,"seq":…,"active":…}`.
     Get {
@@ -138,6 +164,39 @@ enum Command {
         /// The entity key.
         key: String,
     },
+    /// List dead letters (durable messages the server gave up on) as a table: type, key, id,
+    /// kind, attempts, reason.
+    DeadLetters {
+        /// Only those of this entity type.
+        #[arg(long = "type", value_name = "TYPE")]
+        entity_type: Option<String>,
+        /// Only those of this key (needs --type).
+        #[arg(long, requires = "entity_type")]
+        key: Option<String>,
+        /// Print JSON (every field, the message included) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead letter back into its entity's durable inbox; prints `{"redriven": true}`.
+    Redrive {
+        /// The entity type.
+        #[arg(value_name = "TYPE")]
+        entity_type: String,
+        /// The entity key.
+        key: String,
+        /// The dead letter's id (see `dead-letters`).
+        id: String,
+    },
+    /// Drop a dead letter for good; prints `{"existed": bool}`.
+    Discard {
+        /// The entity type.
+        #[arg(value_name = "TYPE")]
+        entity_type: String,
+        /// The entity key.
+        key: String,
+        /// The dead letter's id (see `dead-letters`).
+        id: String,
+    },
     /// Load-test the server with a workload; print throughput and latency percentiles.
     Bench(statehouse_client::bench::BenchArgs),
 }
@@ -194,20 +253,81 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             entity_type,
             key,
             message,
+            request_id,
+            no_retry,
         } => {
             let message = parse_json_argument(&message)?;
+            let id = request_id_argument(request_id)?;
+            let mut options = CallOptions::new().request_id(id.clone());
+            if no_retry {
+                options = options.no_retry();
+            }
             let client = server.connect().await?;
-            client.call(&entity_type, &key, message).await?.reply
+            let outcome = client
+                .call_with(&entity_type, &key, message, options)
+                .await
+                .map_err(|err| naming_request_id(err, &id))?;
+            if outcome.deduplicated {
+                note_deduplicated(&id);
+            }
+            outcome.reply
         }
         Command::Cast {
             entity_type,
             key,
             message,
+            durable,
+            request_id,
+            no_retry,
         } => {
             let message = parse_json_argument(&message)?;
+            let id = request_id_argument(request_id)?;
+            let mut options = CastOptions::new().request_id(id.clone()).durable(durable);
+            if no_retry {
+                options = options.no_retry();
+            }
             let client = server.connect().await?;
-            client.cast(&entity_type, &key, message).await?;
+            let outcome = client
+                .cast_with(&entity_type, &key, message, options)
+                .await
+                .map_err(|err| naming_request_id(err, &id))?;
+            if outcome.deduplicated {
+                note_deduplicated(&id);
+            }
             json!({})
+        }
+        Command::DeadLetters {
+            entity_type,
+            key,
+            json,
+        } => {
+            let client = server.connect().await?;
+            let letters = client
+                .list_all_dead_letters(entity_type.as_deref(), key.as_deref())
+                .await?;
+            if !json {
+                let mut stdout = std::io::stdout().lock();
+                write!(stdout, "{}", render_dead_letters(&letters)).map_err(Failure::Output)?;
+                return stdout.flush().map_err(Failure::Output);
+            }
+            serde_json::to_value(&letters).map_err(|e| Failure::Output(std::io::Error::other(e)))?
+        }
+        Command::Redrive {
+            entity_type,
+            key,
+            id,
+        } => {
+            let client = server.connect().await?;
+            client.redrive_dead_letter(&entity_type, &key, &id).await?;
+            json!({"redriven": true})
+        }
+        Command::Discard {
+            entity_type,
+            key,
+            id,
+        } => {
+            let client = server.connect().await?;
+            json!({"existed": client.discard_dead_letter(&entity_type, &key, &id).await?})
         }
         Command::Get { entity_type, key } => {
             let client = server.connect().await?;
@@ -322,4 +442,47 @@ fn parse_json_argument(text: &str) -> Result<Value, Failure> {
     check_exact_integers(&message)
         .map_err(|err| Failure::LocalInput(format!("argument JSON: {err}")))?;
     Ok(message)
+}
+
+/// The request id of `call` or `cast`: the one given (checked before connecting), or a fresh
+/// one, which the CLI knows so that an error can name it.
+fn request_id_argument(given: Option<String>) -> Result<String, Failure> {
+    match given {
+        Some(id) => {
+            request_id::validate(&id)?;
+            Ok(id)
+        }
+        None => Ok(request_id::generate()),
+    }
+}
+
+/// Adds the request id to a failure whose outcome is unknown (the request may have been
+/// applied), so the user can repeat it with `--request-id` without it running twice.
+fn naming_request_id(err: ClientError, id: &str) -> ClientError {
+    match err {
+        ClientError::Status { code, message }
+            if matches!(
+                code,
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+            ) =>
+        {
+            ClientError::Status {
+                code,
+                message: format!(
+                    "{message} (request id {id}: repeat with --request-id {id} to get its \
+                     outcome without applying it twice)"
+                ),
+            }
+        }
+        err => err,
+    }
+}
+
+/// Says on stderr that the answer was the stored one of an earlier request.
+fn note_deduplicated(id: &str) {
+    // Only a note: if stderr is gone, the answer on stdout still stands.
+    let _ = writeln!(
+        std::io::stderr(),
+        "note: deduplicated: request id {id} was already applied; this is its stored outcome"
+    );
 }

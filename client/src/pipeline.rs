@@ -4,6 +4,11 @@
 //! a [`PipelineSender`] (cloneable; each [`send`](PipelineSender::send) returns the call's id)
 //! and a [`PipelineReceiver`] yielding [`PipelineResult`]s in completion order. Each call has
 //! the semantics and errors of `Call`; one call's error does not end the stream.
+//!
+//! Pipelined calls are not retried by the client (a broken stream fails them all). To make a
+//! call safe to resend on a new stream, give it a request id with
+//! [`send_with`](PipelineSender::send_with): the server then answers a resend of a committed
+//! call with the stored reply ([`CallOutcome::deduplicated`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use tonic::{Code, Streaming};
 
 use crate::client::{check_exact_integers, decode_value, CallOutcome};
 use crate::error::ClientError;
+use crate::request_id;
 
 /// Requests buffered in the client before `send` waits.
 pub const PIPELINE_SEND_BUFFER: usize = 1024;
@@ -50,20 +56,37 @@ impl PipelineSender {
         }
     }
 
-    /// Sends a call; returns its id. Waits while the client's buffer is full.
+    /// Sends a call without a request id; returns its id. Waits while the client's buffer
+    /// is full.
     pub async fn send(
         &self,
         entity_type: &str,
         key: &str,
         message: Value,
     ) -> Result<u64, ClientError> {
+        self.send_with(entity_type, key, message, None).await
+    }
+
+    /// Sends a call carrying `request_id` (an idempotency key of 1..=128 bytes of
+    /// printable ASCII, checked here) when given; returns the call's pipeline id.
+    pub async fn send_with(
+        &self,
+        entity_type: &str,
+        key: &str,
+        message: Value,
+        request_id: Option<&str>,
+    ) -> Result<u64, ClientError> {
         check_exact_integers(&message)?;
+        if let Some(request_id) = request_id {
+            request_id::validate(request_id)?;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = PipelineRequest {
             id,
             r#type: entity_type.to_owned(),
             key: key.to_owned(),
             message: Some(json_to_proto(message)),
+            request_id: request_id.unwrap_or_default().to_owned(),
         };
         self.requests
             .send(request)
@@ -98,6 +121,7 @@ fn result_of(response: PipelineResponse) -> PipelineResult {
         decode_value(response.reply, || format!("pipelined call {id}")).map(|reply| CallOutcome {
             reply,
             seq: response.seq,
+            deduplicated: response.deduplicated,
         })
     } else {
         Err(ClientError::Status {
@@ -120,6 +144,7 @@ mod tests {
             seq: 0,
             code: Code::NotFound as i32,
             error: "no such type".into(),
+            deduplicated: false,
         };
         let result = result_of(response);
         assert_eq!(result.id, 7);
@@ -139,11 +164,12 @@ mod tests {
             seq: 3,
             code: 0,
             error: String::new(),
+            deduplicated: true,
         };
         let outcome = result_of(response).outcome.unwrap();
         assert_eq!(
-            (outcome.reply, outcome.seq),
-            (serde_json::json!({"value": 3}), 3)
+            (outcome.reply, outcome.seq, outcome.deduplicated),
+            (serde_json::json!({"value": 3}), 3, true)
         );
     }
 }

@@ -29,6 +29,9 @@ fn help_lists_every_subcommand() {
         "stop",
         "list",
         "delete",
+        "dead-letters",
+        "redrive",
+        "discard",
         "--server",
         "--timeout-ms",
     ] {
@@ -125,4 +128,36 @@ fn integers_the_wire_cannot_carry_exactly_exit_2() {
         stderr.contains("message.by is 9007199254740993"),
         "{stderr}"
     );
+}
+
+#[test]
+fn an_invalid_request_id_exits_2_before_connecting() {
+    for command in ["call", "cast"] {
+        let long = "x".repeat(129);
+        for id in ["", "tab\there", long.as_str()] {
+            let out = statehouse(&[
+                "--server",
+                "http://127.0.0.1:1",
+                command,
+                "counter",
+                "k",
+                "{}",
+                "--request-id",
+                id,
+            ]);
+            assert_eq!(out.status.code(), Some(2), "{command} {id:?}: {out:?}");
+            let stderr = text(&out.stderr);
+            assert!(
+                stderr.starts_with("error: INVALID_ARGUMENT: invalid request id"),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_dead_letter_key_filter_needs_a_type() {
+    let out = statehouse(&["dead-letters", "--key", "k"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(text(&out.stderr).contains("--type"), "{out:?}");
 }

@@ -140,6 +140,8 @@ impl Plan {
             r#type: self.entity_type.to_owned(),
             key,
             message: Some(message),
+            // The benchmark measures the server's raw path: no idempotency keys.
+            request_id: String::new(),
         })
     }
 }
@@ -286,6 +288,7 @@ async fn run_stream(
             r#type: call.r#type,
             key: call.key,
             message: call.message,
+            request_id: call.request_id,
         })
     };
     // Fill the window before the stream opens; the channel holds exactly that many.

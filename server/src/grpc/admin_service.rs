@@ -1,24 +1,32 @@
-//! `statehouse.v1.AdminService`: the supervision tree, entity reset, and deployed behaviours.
+//! `statehouse.v1.AdminService`: the supervision tree, entity reset, deployed behaviours, and
+//! dead letters.
 
 use std::sync::Arc;
 
 use statehouse_proto::v1::admin_service_server::AdminService;
 use statehouse_proto::v1::{
-    BehaviourInfo, BehaviourVersion, DeployBehaviourRequest, DeployBehaviourResponse,
-    ListBehavioursRequest, ListBehavioursResponse, ResetEntityRequest, ResetEntityResponse,
+    BehaviourInfo, BehaviourVersion, DeadLetter as WireDeadLetter, DeployBehaviourRequest,
+    DeployBehaviourResponse, DiscardDeadLetterRequest, DiscardDeadLetterResponse,
+    ListBehavioursRequest, ListBehavioursResponse, ListDeadLettersRequest, ListDeadLettersResponse,
+    RedriveDeadLetterRequest, RedriveDeadLetterResponse, ResetEntityRequest, ResetEntityResponse,
     RollbackBehaviourRequest, RollbackBehaviourResponse, SupervisionTreeRequest,
     SupervisionTreeResponse, TreeNode as WireNode,
 };
+use statehouse_proto::value::json_to_proto;
 use tonic::{Request, Response, Status};
 
 use crate::address::EntityId;
 use crate::deployment::Deployments;
-use crate::shard::Shards;
+use crate::shard::{DeadLetterFilter, Shards};
 use crate::supervisor::{NodeKind, Strategy, TreeNode};
 
 /// Entities per shard in a tree unless the request says otherwise, and the most it may ask.
 const TREE_ENTITIES_DEFAULT: usize = 100;
 const TREE_ENTITIES_MAX: usize = 10_000;
+
+/// Dead letters per page unless the request says otherwise, and the most it may ask.
+const DEAD_LETTERS_PAGE_DEFAULT: usize = 100;
+const DEAD_LETTERS_PAGE_MAX: usize = 1000;
 
 /// Serves `AdminService` over the server's shards.
 pub struct AdminApi {
@@ -144,5 +152,103 @@ impl AdminService for AdminApi {
         };
         let was_quarantined = self.shards.reset(id).await?;
         Ok(Response::new(ResetEntityResponse { was_quarantined }))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<ListDeadLettersRequest>,
+    ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let request = request.into_inner();
+        let filter = match (request.r#type.is_empty(), request.key.is_empty()) {
+            (true, true) => DeadLetterFilter::All,
+            (false, true) => DeadLetterFilter::Type(request.r#type),
+            (false, false) => {
+                DeadLetterFilter::Entity(EntityId::new(request.r#type, request.key).map_err(
+                    |e| Status::invalid_argument(format!("invalid entity address: {e}")),
+                )?)
+            }
+            (true, false) => {
+                return Err(Status::invalid_argument(
+                    "a key filter needs a type: set type as well",
+                ))
+            }
+        };
+        let page_size = match request.page_size {
+            0 => DEAD_LETTERS_PAGE_DEFAULT,
+            n => (n as usize).min(DEAD_LETTERS_PAGE_MAX),
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            let (entity_type, key, id): (String, String, String) =
+                serde_json::from_str(&request.page_token).map_err(|_| {
+                    Status::invalid_argument(
+                        "invalid page token: pass the next_page_token of the previous page",
+                    )
+                })?;
+            Some((EntityId { entity_type, key }, id))
+        };
+        let mut found = self
+            .shards
+            .dead_letters(filter, after, page_size + 1)
+            .await?;
+        let next_page_token = if found.len() > page_size {
+            found.truncate(page_size);
+            found
+                .last()
+                .map(|d| serde_json::json!([d.entity.entity_type, d.entity.key, d.id]).to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let dead_letters = found
+            .into_iter()
+            .map(|d| WireDeadLetter {
+                r#type: d.entity.entity_type,
+                key: d.entity.key,
+                id: d.id,
+                kind: d.kind,
+                message: Some(json_to_proto(d.message)),
+                reason: d.reason,
+                attempts: d.attempts,
+                dead_at_ms: d.dead_at_ms,
+                origin: d.origin,
+            })
+            .collect();
+        Ok(Response::new(ListDeadLettersResponse {
+            dead_letters,
+            next_page_token,
+        }))
+    }
+
+    async fn redrive_dead_letter(
+        &self,
+        request: Request<RedriveDeadLetterRequest>,
+    ) -> Result<Response<RedriveDeadLetterResponse>, Status> {
+        let request = request.into_inner();
+        let id = EntityId {
+            entity_type: request.r#type,
+            key: request.key,
+        };
+        if !self.shards.redrive(id.clone(), request.id.clone()).await? {
+            return Err(Status::not_found(format!(
+                "{id} has no dead letter {:?}; list them with ListDeadLetters",
+                request.id
+            )));
+        }
+        Ok(Response::new(RedriveDeadLetterResponse {}))
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        request: Request<DiscardDeadLetterRequest>,
+    ) -> Result<Response<DiscardDeadLetterResponse>, Status> {
+        let request = request.into_inner();
+        let id = EntityId {
+            entity_type: request.r#type,
+            key: request.key,
+        };
+        let existed = self.shards.discard(id, request.id).await?;
+        Ok(Response::new(DiscardDeadLetterResponse { existed }))
     }
 }

@@ -1,5 +1,5 @@
-//! `statehouse.v1.EntityService`: wire ↔ domain for `Call`, `Cast`, `Get`, `Stop`, `Delete`,
-//! `List`.
+//! `statehouse.v1.EntityService`: wire ↔ domain for `Call`, `Cast` (plain or durable, with
+//! request ids), `Get`, `Stop`, `Delete`, `List`, `Pipeline`, `Watch`.
 
 use std::sync::Arc;
 
@@ -65,7 +65,7 @@ async fn pipeline_call(
                 address(request.r#type, request.key),
                 message,
                 deadline,
-                None,
+                request_id(request.request_id),
             )
             .await
             .map_err(Status::from),
@@ -78,6 +78,7 @@ async fn pipeline_call(
             seq: outcome.seq,
             code: 0,
             error: String::new(),
+            deduplicated: outcome.deduplicated,
         },
         Err(status) => PipelineResponse {
             id,
@@ -85,8 +86,14 @@ async fn pipeline_call(
             seq: 0,
             code: status.code() as i32,
             error: status.message().to_owned(),
+            deduplicated: false,
         },
     }
+}
+
+/// The request id as sent: empty means none.
+fn request_id(request_id: String) -> Option<String> {
+    (!request_id.is_empty()).then_some(request_id)
 }
 
 /// The message of a `Call` or `Cast`: required, and convertible to JSON.
@@ -175,21 +182,31 @@ impl EntityService for EntityApi {
                 address(request.r#type, request.key),
                 message,
                 deadline,
-                None,
+                request_id(request.request_id),
             )
             .await?;
         Ok(Response::new(CallResponse {
             reply: Some(json_to_proto(outcome.reply)),
             seq: outcome.seq,
+            deduplicated: outcome.deduplicated,
         }))
     }
 
     async fn cast(&self, request: Request<CastRequest>) -> Result<Response<CastResponse>, Status> {
+        let deadline = deadline::from_metadata(request.metadata());
         let request = request.into_inner();
         let message = message(request.message)?;
-        self.shards
-            .cast(address(request.r#type, request.key), message, None)?;
-        Ok(Response::new(CastResponse {}))
+        let id = address(request.r#type, request.key);
+        let request_id = request_id(request.request_id);
+        let deduplicated = if request.durable {
+            self.shards
+                .durable_cast(id, message, deadline, request_id)
+                .await?
+        } else {
+            self.shards.cast(id, message, request_id)?;
+            false
+        };
+        Ok(Response::new(CastResponse { deduplicated }))
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
