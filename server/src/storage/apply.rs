@@ -12,7 +12,14 @@
 //! |---|---|
 //! | `Event{seq}` | put `j(seq)`; with seq 1 also put `e` |
 //! | `Snapshot{seq}` | put `s`, remove `j(0..=seq)`, put `e` |
-//! | `Delete` | remove `s`, `e`, `x` and every `j` |
+//! | `Delete` | remove `s`, `e`, `x`, every `j` and every record of every [`RecordKind`] |
+//! | `PutRecord{kind,name}` | put `kind type key name` (value checksummed over the key) |
+//! | `RemoveRecord{kind,name}` | remove `kind type key name` |
+//! | `PutTimerDue{due_ms,name}` | put `t due_ms type key name` (checksummed empty value) |
+//! | `RemoveTimerDue{due_ms,name}` | remove `t due_ms type key name` |
+//!
+//! `Delete` leaves the shard's timer index alone: its entries are not under the entity's
+//! keys, and the entity removes them with `RemoveTimerDue` in the same batch.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +27,7 @@ use crate::address::EntityId;
 
 use super::keys;
 use super::record::encode_value;
-use super::Op;
+use super::{Op, RecordKind};
 
 /// One sled write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +43,10 @@ pub(crate) enum SledOp {
     RemoveRange {
         from: Vec<u8>,
         to_inclusive: Vec<u8>,
+    },
+    /// Removes every key that starts with `prefix`.
+    RemovePrefix {
+        prefix: Vec<u8>,
     },
 }
 
@@ -84,7 +95,28 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
                     from: keys::event_key(entity, 0),
                     to_inclusive: keys::event_key(entity, u64::MAX),
                 });
+                for kind in RecordKind::ALL {
+                    writes.push(SledOp::RemovePrefix {
+                        prefix: keys::record_prefix(kind, entity),
+                    });
+                }
             }
+            Op::PutRecord { kind, name, value } => {
+                let key = keys::record_key(*kind, entity, name);
+                let value = encode_value(&key, 0, 0, value);
+                writes.push(SledOp::Put { key, value });
+            }
+            Op::RemoveRecord { kind, name } => writes.push(SledOp::Remove {
+                key: keys::record_key(*kind, entity, name),
+            }),
+            Op::PutTimerDue { due_ms, name } => {
+                let key = keys::timer_index_key(*due_ms, entity, name);
+                let value = encode_value(&key, 0, 0, &[]);
+                writes.push(SledOp::Put { key, value });
+            }
+            Op::RemoveTimerDue { due_ms, name } => writes.push(SledOp::Remove {
+                key: keys::timer_index_key(*due_ms, entity, name),
+            }),
         }
     }
     writes
@@ -132,6 +164,19 @@ impl StagedWrites {
                         self.pending.insert(key.to_vec(), None);
                     }
                     for (_, value) in self.pending.range_mut(from.clone()..=to_inclusive.clone()) {
+                        *value = None;
+                    }
+                }
+                SledOp::RemovePrefix { prefix } => {
+                    for item in tree.scan_prefix(prefix) {
+                        let (key, _) = item?;
+                        self.pending.insert(key.to_vec(), None);
+                    }
+                    for (_, value) in self
+                        .pending
+                        .range_mut(prefix.clone()..)
+                        .take_while(|(key, _)| key.starts_with(prefix))
+                    {
                         *value = None;
                     }
                 }
@@ -216,6 +261,157 @@ mod tests {
             kinds(&tree),
             vec![(b'e', None), (b'j', Some(4)), (b's', None)]
         );
+    }
+
+    fn put(kind: RecordKind, name: &[u8]) -> Op {
+        Op::PutRecord {
+            kind,
+            name: name.to_vec(),
+            value: name.to_vec(),
+        }
+    }
+
+    fn dump(tree: &sled::Tree) -> Vec<(Vec<u8>, Vec<u8>)> {
+        tree.iter()
+            .map(|i| {
+                let (k, v) = i.unwrap();
+                (k.to_vec(), v.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn delete_removes_every_record_kind_of_the_entity_only() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("shard-0").unwrap();
+        let a = id("a");
+        // Entities whose keys extend `a`'s or whose names look like the rest of a key.
+        let others = [id("ab"), id("a\u{0}"), EntityId::new("tt", "a").unwrap()];
+        let names: [&[u8]; 4] = [b"", b"n", &[0xff, 0xff], &[0, 2, b'a', b'b']];
+        let every_kind: Vec<Op> = RecordKind::ALL
+            .iter()
+            .flat_map(|kind| names.map(|name| put(*kind, name)))
+            .collect();
+        for other in &others {
+            apply(&tree, other, &every_kind);
+            apply(&tree, other, &[event(1)]);
+        }
+        let before_a = dump(&tree);
+        apply(&tree, &a, &every_kind);
+        apply(
+            &tree,
+            &a,
+            &[
+                event(1),
+                Op::PutTimerDue {
+                    due_ms: 5,
+                    name: b"n".to_vec(),
+                },
+            ],
+        );
+        let timer = keys::timer_index_key(5, &a, b"n");
+        assert!(tree
+            .get(keys::record_key(RecordKind::Outbox, &a, &[0xff, 0xff]))
+            .unwrap()
+            .is_some());
+        // Records put in the same batch as the delete are gone too.
+        apply(&tree, &a, &[put(RecordKind::Timer, b"late"), Op::Delete]);
+        let mut expected = before_a;
+        let timer_value = tree.get(&timer).unwrap().unwrap().to_vec();
+        expected.push((timer, timer_value));
+        expected.sort();
+        assert_eq!(
+            dump(&tree),
+            expected,
+            "only a's timer index entry is left of a"
+        );
+    }
+
+    #[test]
+    fn record_values_are_checksummed_over_their_key() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("shard-0").unwrap();
+        let a = id("a");
+        apply(&tree, &a, &[put(RecordKind::Dedup, b"req")]);
+        let key = keys::record_key(RecordKind::Dedup, &a, b"req");
+        let value = tree.get(&key).unwrap().unwrap();
+        assert_eq!(
+            super::super::record::decode_value(&key, &value)
+                .unwrap()
+                .payload,
+            b"req"
+        );
+        let other = keys::record_key(RecordKind::Dedup, &a, b"reQ");
+        assert!(super::super::record::decode_value(&other, &value).is_err());
+        apply(
+            &tree,
+            &a,
+            &[Op::RemoveRecord {
+                kind: RecordKind::Dedup,
+                name: b"req".to_vec(),
+            }],
+        );
+        assert!(tree.is_empty());
+    }
+
+    #[test]
+    fn replaying_a_suffix_with_records_and_timers_is_idempotent() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("shard-0").unwrap();
+        let a = id("a");
+        let b = id("b");
+        let due = |due_ms, name: &[u8]| Op::PutTimerDue {
+            due_ms,
+            name: name.to_vec(),
+        };
+        let batches: Vec<(EntityId, Vec<Op>)> = vec![
+            (
+                a.clone(),
+                vec![event(1), put(RecordKind::Timer, b"t1"), due(10, b"t1")],
+            ),
+            (
+                b.clone(),
+                vec![put(RecordKind::Inbox, b"1"), put(RecordKind::Inbox, b"2")],
+            ),
+            (
+                a.clone(),
+                vec![
+                    Op::RemoveRecord {
+                        kind: RecordKind::Timer,
+                        name: b"t1".to_vec(),
+                    },
+                    Op::RemoveTimerDue {
+                        due_ms: 10,
+                        name: b"t1".to_vec(),
+                    },
+                    put(RecordKind::Timer, b"t2"),
+                    due(20, b"t2"),
+                ],
+            ),
+            (b.clone(), vec![Op::Delete]),
+            (b.clone(), vec![put(RecordKind::Inbox, b"3")]),
+            (
+                a.clone(),
+                vec![
+                    Op::RemoveRecord {
+                        kind: RecordKind::Inbox,
+                        name: b"absent".to_vec(),
+                    },
+                    put(RecordKind::Dedup, b"d"),
+                ],
+            ),
+        ];
+        for (entity, ops) in &batches {
+            apply(&tree, entity, ops);
+        }
+        let expected = dump(&tree);
+        assert_eq!(expected.len(), 6, "{expected:?}");
+        for start in 0..batches.len() {
+            for (entity, ops) in &batches[start..] {
+                apply(&tree, entity, ops);
+            }
+            assert_eq!(dump(&tree), expected, "replay from batch {start}");
+        }
     }
 
     #[test]

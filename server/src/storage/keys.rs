@@ -3,10 +3,11 @@
 //! **Owns**: how an entity's records are named inside its shard's tree. Nothing else builds
 //! sled keys.
 //!
-//! Every key starts with a kind byte. Snapshot, event and marker keys continue with the
-//! entity type and key, each prefixed by its length as a big-endian `u16`, so the bytes that
-//! name one entity are never a prefix of another entity's: an entity's records of one kind
-//! are exactly one contiguous range.
+//! Every key starts with a kind byte. Snapshot, event, marker and record keys continue with
+//! the entity type and key, each prefixed by its length as a big-endian `u16` (written
+//! `type key` below), so the bytes that name one entity are never a prefix of another
+//! entity's: an entity's records of one kind are exactly one contiguous range, whatever
+//! bytes follow.
 //!
 //! | kind | key | value |
 //! |---|---|---|
@@ -14,13 +15,21 @@
 //! | `j` | `j` type key seq(u64 BE) | one event; big-endian seq sorts numerically |
 //! | `e` | `e` len(type) type key-bytes | empty: the existence index `list` scans |
 //! | `x` | `x` type key | human-readable detail: the entity is corrupt |
+//! | `d` `i` `l` `o` `p` `r` `u` | kind type key name | one [`RecordKind`] record (`record::encode_value` with seq 0, version 0) |
+//! | `t` | `t` due_ms(u64 BE) type key name | the shard's timer index: `encode_value` of nothing |
 //!
 //! The existence key leaves the entity key unprefixed so that a key prefix is a byte prefix:
 //! listing `(type, "ab")` is one prefix scan of `e len type ab`.
+//!
+//! Record names are the unprefixed tail of their key, so one entity's records of one kind
+//! sort by name bytes, and a shard-wide prefix scan of a kind yields them by entity (type,
+//! then key, each compared as `u16` length first, then bytes) and then name. The timer index
+//! sorts by due time first, then in the same entity and name order.
 
 use crate::address::EntityId;
 
-use super::codec::put_len_u16;
+use super::codec::{put_len_u16, Reader};
+use super::{DueTimer, RecordKind};
 
 /// Kind byte of an entity's snapshot.
 pub const KIND_SNAPSHOT: u8 = b's';
@@ -30,6 +39,28 @@ pub const KIND_EVENT: u8 = b'j';
 pub const KIND_EXISTS: u8 = b'e';
 /// Kind byte of a corruption marker.
 pub const KIND_CORRUPT: u8 = b'x';
+/// Kind byte of the shard's timer index.
+pub const KIND_TIMER_INDEX: u8 = b't';
+
+/// The kind byte of a [`RecordKind`]'s keys (also its tag in journal frames).
+pub fn record_kind_byte(kind: RecordKind) -> u8 {
+    match kind {
+        RecordKind::Dedup => b'd',
+        RecordKind::Timer => b'u',
+        RecordKind::Inbox => b'i',
+        RecordKind::Receipt => b'r',
+        RecordKind::SendSeq => b'p',
+        RecordKind::Outbox => b'o',
+        RecordKind::DeadLetter => b'l',
+    }
+}
+
+/// The [`RecordKind`] of a kind byte, `None` if it is not one.
+pub fn record_kind_of_byte(byte: u8) -> Option<RecordKind> {
+    RecordKind::ALL
+        .into_iter()
+        .find(|kind| record_kind_byte(*kind) == byte)
+}
 
 /// `kind` then the length-prefixed type and key.
 fn entity_key(kind: u8, entity: &EntityId) -> Vec<u8> {
@@ -95,9 +126,81 @@ pub fn exists_key_offset(entity_type: &str) -> usize {
     1 + 2 + entity_type.len()
 }
 
+/// The prefix every record key of `kind` of the entity starts with: exactly the entity's
+/// records of that kind (no other entity's key range starts with it).
+pub fn record_prefix(kind: RecordKind, entity: &EntityId) -> Vec<u8> {
+    entity_key(record_kind_byte(kind), entity)
+}
+
+/// The prefix every record key of `kind` starts with, across entities.
+pub fn record_kind_prefix(kind: RecordKind) -> [u8; 1] {
+    [record_kind_byte(kind)]
+}
+
+/// The key of the entity's record `name` of `kind`.
+pub fn record_key(kind: RecordKind, entity: &EntityId, name: &[u8]) -> Vec<u8> {
+    let mut key = record_prefix(kind, entity);
+    key.extend_from_slice(name);
+    key
+}
+
+/// Reads `len16 type | type | len16 key | key` and checks the address.
+fn read_entity(reader: &mut Reader<'_>) -> Option<EntityId> {
+    let type_len = usize::from(reader.u16()?);
+    let entity_type = std::str::from_utf8(reader.take(type_len)?).ok()?;
+    let key_len = usize::from(reader.u16()?);
+    let key = std::str::from_utf8(reader.take(key_len)?).ok()?;
+    EntityId::new(entity_type, key).ok()
+}
+
+/// The kind, entity and name a record key names, `None` if it is not a well-formed record
+/// key.
+pub fn decode_record_key(key: &[u8]) -> Option<(RecordKind, EntityId, Vec<u8>)> {
+    let mut reader = Reader::new(key);
+    let kind = record_kind_of_byte(reader.u8()?)?;
+    let entity = read_entity(&mut reader)?;
+    let name = reader.take(reader.remaining())?.to_vec();
+    Some((kind, entity, name))
+}
+
+/// The prefix of every timer index key.
+pub const TIMER_INDEX_PREFIX: [u8; 1] = [KIND_TIMER_INDEX];
+
+/// The timer index key of `(due_ms, entity, name)`.
+pub fn timer_index_key(due_ms: u64, entity: &EntityId, name: &[u8]) -> Vec<u8> {
+    let entity_type = entity.entity_type.as_bytes();
+    let key = entity.key.as_bytes();
+    let mut out = Vec::with_capacity(1 + 8 + 2 + entity_type.len() + 2 + key.len() + name.len());
+    out.push(KIND_TIMER_INDEX);
+    out.extend_from_slice(&due_ms.to_be_bytes());
+    put_len_u16(&mut out, entity_type.len());
+    out.extend_from_slice(entity_type);
+    put_len_u16(&mut out, key.len());
+    out.extend_from_slice(key);
+    out.extend_from_slice(name);
+    out
+}
+
+/// The entry a timer index key names, `None` if it is not a well-formed timer index key.
+pub fn decode_timer_index_key(key: &[u8]) -> Option<DueTimer> {
+    let mut reader = Reader::new(key);
+    if reader.u8()? != KIND_TIMER_INDEX {
+        return None;
+    }
+    let due_ms = reader.u64()?;
+    let entity = read_entity(&mut reader)?;
+    let name = reader.take(reader.remaining())?.to_vec();
+    Some(DueTimer {
+        due_ms,
+        entity,
+        name,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::RECORD_NAME_BYTES_MAX;
     use rand::{Rng, SeedableRng};
 
     fn id(t: &str, k: &str) -> EntityId {
@@ -213,16 +316,198 @@ mod tests {
     #[test]
     fn kinds_do_not_share_keys() {
         let e = id("t", "k");
-        let all = [
+        let mut all = vec![
             snapshot_key(&e),
             event_key(&e, 1),
             exists_key(&e),
             corrupt_key(&e),
+            timer_index_key(1, &e, b"n"),
         ];
+        all.extend(RecordKind::ALL.map(|kind| record_key(kind, &e, b"n")));
         for (i, a) in all.iter().enumerate() {
             for b in &all[i + 1..] {
                 assert_ne!(a[0], b[0]);
             }
         }
+    }
+
+    #[test]
+    fn record_kinds_have_their_letters_and_all_is_in_key_order() {
+        let letters: Vec<u8> = RecordKind::ALL.map(record_kind_byte).to_vec();
+        assert_eq!(letters, b"dilopru".to_vec());
+        for kind in RecordKind::ALL {
+            assert_eq!(record_kind_of_byte(record_kind_byte(kind)), Some(kind));
+        }
+        for byte in [
+            KIND_SNAPSHOT,
+            KIND_EVENT,
+            KIND_EXISTS,
+            KIND_CORRUPT,
+            KIND_TIMER_INDEX,
+            0,
+        ] {
+            assert_eq!(record_kind_of_byte(byte), None);
+        }
+        for kind in RecordKind::LOADED {
+            assert!(RecordKind::ALL.contains(&kind));
+        }
+    }
+
+    fn tempting_entities(rng: &mut rand::rngs::StdRng) -> Vec<EntityId> {
+        let mut entities = vec![
+            id("a", "bc"),
+            id("ab", "c"),
+            id("a", "b"),
+            id("a", "b\u{0}"),
+            id("a", "b\u{ff}"),
+            id("a", "ba"),
+            id("b", "a"),
+        ];
+        for _ in 0..50 {
+            let t: String = (0..rng.gen_range(1..4))
+                .map(|_| rng.gen_range(b'a'..=b'c') as char)
+                .collect();
+            let k: String = (0..rng.gen_range(1..4))
+                .map(|_| rng.gen_range(b'a'..=b'c') as char)
+                .collect();
+            entities.push(id(&t, &k));
+        }
+        entities.sort();
+        entities.dedup();
+        entities
+    }
+
+    #[test]
+    fn record_ranges_never_interleave_whatever_the_names() {
+        let seed: u64 = rand::random();
+        println!("seed {seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let entities = tempting_entities(&mut rng);
+        // Names that look like the start of another entity's type or key, empty ones, 0xFF.
+        let names: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0, 1, b'c'],
+            vec![0xff; 3],
+            b"name".to_vec(),
+            vec![0xff; RECORD_NAME_BYTES_MAX],
+        ];
+        let mut keys: Vec<(Vec<u8>, RecordKind, usize)> = Vec::new();
+        for (index, e) in entities.iter().enumerate() {
+            for kind in RecordKind::ALL {
+                for name in &names {
+                    keys.push((record_key(kind, e, name), kind, index));
+                }
+            }
+        }
+        keys.sort();
+        for kind in RecordKind::ALL {
+            let mut seen = std::collections::HashSet::new();
+            let mut last = None;
+            for (_, _, owner) in keys.iter().filter(|(_, k, _)| *k == kind) {
+                if last != Some(*owner) {
+                    assert!(
+                        seen.insert(*owner),
+                        "entity {owner} interleaved in {kind:?}"
+                    );
+                    last = Some(*owner);
+                }
+            }
+            // A shard-wide prefix scan of the kind is exactly that kind's records.
+            let scanned = keys
+                .iter()
+                .filter(|(k, _, _)| k.starts_with(&record_kind_prefix(kind)))
+                .count();
+            assert_eq!(scanned, entities.len() * names.len());
+        }
+        // An entity's prefix of a kind covers exactly its records of that kind.
+        for (index, e) in entities.iter().enumerate() {
+            for kind in RecordKind::ALL {
+                let prefix = record_prefix(kind, e);
+                let matched: Vec<_> = keys
+                    .iter()
+                    .filter(|(k, _, _)| k.starts_with(&prefix))
+                    .collect();
+                assert_eq!(matched.len(), names.len());
+                assert!(matched.iter().all(|(_, k, o)| *k == kind && *o == index));
+            }
+        }
+    }
+
+    #[test]
+    fn record_and_timer_keys_decode_back() {
+        let e = id("counter", "user-\u{e9}");
+        for name in [&b""[..], b"x", &[0xff, 0, 7][..]] {
+            for kind in RecordKind::ALL {
+                assert_eq!(
+                    decode_record_key(&record_key(kind, &e, name)),
+                    Some((kind, e.clone(), name.to_vec()))
+                );
+            }
+            for due_ms in [0, 1, u64::MAX] {
+                assert_eq!(
+                    decode_timer_index_key(&timer_index_key(due_ms, &e, name)),
+                    Some(DueTimer {
+                        due_ms,
+                        entity: e.clone(),
+                        name: name.to_vec()
+                    })
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_keys_decode_to_none() {
+        let e = id("counter", "a");
+        let record = record_key(RecordKind::Inbox, &e, b"n");
+        let timer = timer_index_key(5, &e, b"n");
+        // Cut inside the entity part: never a panic, never a wrong answer.
+        for len in 0..record_prefix(RecordKind::Inbox, &e).len() {
+            assert_eq!(decode_record_key(&record[..len]), None, "len {len}");
+        }
+        for len in 0..(1 + 8 + 2 + 7 + 2 + 1) {
+            assert_eq!(decode_timer_index_key(&timer[..len]), None, "len {len}");
+        }
+        // Wrong kind bytes.
+        assert_eq!(decode_record_key(&timer), None);
+        assert_eq!(decode_timer_index_key(&record), None);
+        assert_eq!(decode_record_key(&event_key(&e, 1)), None);
+        // Not UTF-8, empty type.
+        assert_eq!(decode_record_key(b"d\x00\x01\xff\x00\x01k"), None);
+        assert_eq!(decode_record_key(b"d\x00\x00\x00\x01k"), None);
+        // A length running past the end.
+        assert_eq!(decode_record_key(b"d\x00\x09t\x00\x01k"), None);
+    }
+
+    #[test]
+    fn the_timer_index_sorts_by_due_time_first() {
+        let a = id("a", "z");
+        let b = id("b", "a");
+        let mut keys = vec![
+            timer_index_key(300, &a, b"x"),
+            timer_index_key(2, &b, b""),
+            timer_index_key(256, &a, b"y"),
+            timer_index_key(2, &a, b"z"),
+            timer_index_key(2, &a, b"a"),
+        ];
+        keys.sort();
+        let decoded: Vec<(u64, String, Vec<u8>)> = keys
+            .iter()
+            .map(|k| {
+                let t = decode_timer_index_key(k).unwrap();
+                (t.due_ms, t.entity.entity_type, t.name)
+            })
+            .collect();
+        assert_eq!(
+            decoded,
+            vec![
+                (2, "a".into(), b"a".to_vec()),
+                (2, "a".into(), b"z".to_vec()),
+                (2, "b".into(), vec![]),
+                (256, "a".into(), b"y".to_vec()),
+                (300, "a".into(), b"x".to_vec()),
+            ]
+        );
     }
 }

@@ -31,7 +31,10 @@ use super::recovery::{recover, RecoveryReport};
 use super::shared::{Counters, Shared, StoreStats};
 use super::state::{State, SHARD_COUNT_MAX};
 use super::writer::{Submission, Writer, WriterConfig, ROUND_BYTES_MAX};
-use super::{EntityBatch, LoadedEntity, Store, StoreConfig, StoreError};
+use super::{
+    DueTimer, DueTimers, EntityBatch, LoadedEntity, Op, RecordKind, Store, StoreConfig, StoreError,
+    StoredEntry, RECORD_NAME_BYTES_MAX,
+};
 
 /// The sled state directory of a data dir.
 pub fn state_dir(data_dir: &Path) -> PathBuf {
@@ -264,6 +267,30 @@ fn check_entity(entity: &EntityId) -> Result<(), StoreError> {
         .map_err(|e| StoreError::InvalidInput(format!("entity address: {e}")))
 }
 
+fn check_name(name: &[u8]) -> Result<(), StoreError> {
+    if name.len() > RECORD_NAME_BYTES_MAX {
+        return Err(StoreError::InvalidInput(format!(
+            "record name of {} bytes; the limit is {RECORD_NAME_BYTES_MAX}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the record names of a batch's operations.
+fn check_op_names(ops: &[Op]) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            Op::PutRecord { name, .. }
+            | Op::RemoveRecord { name, .. }
+            | Op::PutTimerDue { name, .. }
+            | Op::RemoveTimerDue { name, .. } => check_name(name)?,
+            Op::Event { .. } | Op::Snapshot { .. } | Op::Delete => {}
+        }
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Store for SledStore {
     fn shard_count(&self) -> u32 {
@@ -274,6 +301,7 @@ impl Store for SledStore {
         self.check_open()?;
         self.shared.state.shard(batch.shard)?;
         check_entity(&batch.entity)?;
+        check_op_names(&batch.ops)?;
         let body_bytes = body_len(&batch.ops);
         if body_bytes > FRAME_BODY_BYTES_MAX {
             return Err(StoreError::InvalidInput(format!(
@@ -322,6 +350,76 @@ impl Store for SledStore {
         let shared = Arc::clone(&self.shared);
         let entity = entity.clone();
         blocking(move || shared.state.load(shard, &entity)).await
+    }
+
+    async fn record(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+        name: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.check_open()?;
+        self.shared.state.shard(shard)?;
+        check_entity(entity)?;
+        check_name(name)?;
+        let shared = Arc::clone(&self.shared);
+        let entity = entity.clone();
+        let name = name.to_vec();
+        blocking(move || shared.state.record(shard, &entity, kind, &name)).await
+    }
+
+    async fn entity_records(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        self.check_open()?;
+        self.shared.state.shard(shard)?;
+        check_entity(entity)?;
+        let shared = Arc::clone(&self.shared);
+        let entity = entity.clone();
+        blocking(move || shared.state.entity_records(shard, &entity, kind)).await
+    }
+
+    async fn scan_records(
+        &self,
+        shard: u32,
+        kind: RecordKind,
+        after: Option<(EntityId, Vec<u8>)>,
+        limit: usize,
+    ) -> Result<Vec<(EntityId, StoredEntry)>, StoreError> {
+        self.check_open()?;
+        self.shared.state.shard(shard)?;
+        if let Some((entity, name)) = &after {
+            check_entity(entity)?;
+            check_name(name)?;
+        }
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.state.scan_records(shard, kind, after, limit)).await
+    }
+
+    async fn due_timers(
+        &self,
+        shard: u32,
+        after: Option<DueTimer>,
+        up_to_ms: u64,
+        limit: usize,
+    ) -> Result<DueTimers, StoreError> {
+        self.check_open()?;
+        self.shared.state.shard(shard)?;
+        if let Some(timer) = &after {
+            check_entity(&timer.entity)?;
+            check_name(&timer.name)?;
+        }
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            shared
+                .state
+                .due_timers(shard, after.as_ref(), up_to_ms, limit)
+        })
+        .await
     }
 
     async fn list(

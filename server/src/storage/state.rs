@@ -2,13 +2,16 @@
 //!
 //! **Owns**: opening sled (no background flusher, bounded cache), running the format
 //! migrations on it, the `meta` records this layer keeps (`shard_count`, `checkpoint`), one
-//! tree per shard (`shard-N`), and `load`/`list` reads. Writes arrive through
-//! [`super::apply`] from the writer thread and recovery only.
+//! tree per shard (`shard-N`), and the reads: `load`/`list`, records (`record`,
+//! `entity_records`, `scan_records`) and the timer index (`due_timers`). Writes arrive
+//! through [`super::apply`] from the writer thread and recovery only.
 //!
 //! Each shard has an `apply_lock`: the writer holds it for writing only while it applies one
-//! sled batch to that shard, and `load` holds it for reading while it reads one entity, so a
-//! load never sees half of a batch (e.g. a snapshot's trimmed events without the snapshot).
+//! sled batch to that shard, and every read of a shard's tree holds it for reading (one
+//! entity, or one page of a scan), so a read never sees half of a batch (e.g. a snapshot's
+//! trimmed events without the snapshot, or a timer's record without its index entry).
 
+use std::ops::Bound;
 use std::path::Path;
 
 use parking_lot::RwLock;
@@ -19,7 +22,7 @@ use super::fsync::sled_error;
 use super::journal::JournalPosition;
 use super::keys;
 use super::record::decode_value;
-use super::{LoadedEntity, StoreError};
+use super::{DueTimer, DueTimers, LoadedEntity, RecordKind, StoreError, StoredEntry};
 
 /// The `meta` key of the shard count (`u32` big-endian), written once when a data dir is made.
 pub const META_SHARD_COUNT_KEY: &[u8] = b"shard_count";
@@ -221,7 +224,151 @@ impl State {
                 events.push(record);
             }
         }
-        Ok(LoadedEntity { snapshot, events })
+        let mut records = Vec::new();
+        for kind in RecordKind::LOADED {
+            records.extend(entity_records(tree, entity, kind)?);
+        }
+        Ok(LoadedEntity {
+            snapshot,
+            events,
+            records,
+        })
+    }
+
+    /// The entity's record `name` of `kind`, checksum verified. Blocking.
+    pub(crate) fn record(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+        name: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let shard = self.shard(shard)?;
+        let _reading = shard.apply_lock.read();
+        check_not_corrupt(&shard.tree, entity)?;
+        let key = keys::record_key(kind, entity, name);
+        match shard
+            .tree
+            .get(&key)
+            .map_err(|e| sled_error(format!("reading {entity}"), e))?
+        {
+            Some(value) => Ok(Some(decode_entry(entity, kind, name, &key, &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every record of `kind` of the entity, in name order, checksums verified. Blocking.
+    pub(crate) fn entity_records(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        let shard = self.shard(shard)?;
+        let _reading = shard.apply_lock.read();
+        check_not_corrupt(&shard.tree, entity)?;
+        entity_records(&shard.tree, entity, kind)
+    }
+
+    /// Records of `kind` of every entity of the shard, in key order, strictly after
+    /// `(entity, name)` when given, at most `limit`; checksums verified. Blocking.
+    pub(crate) fn scan_records(
+        &self,
+        shard_index: u32,
+        kind: RecordKind,
+        after: Option<(EntityId, Vec<u8>)>,
+        limit: usize,
+    ) -> Result<Vec<(EntityId, StoredEntry)>, StoreError> {
+        let shard = self.shard(shard_index)?;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let prefix = keys::record_kind_prefix(kind);
+        let lower = match &after {
+            Some((entity, name)) => Bound::Excluded(keys::record_key(kind, entity, name)),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let _reading = shard.apply_lock.read();
+        let mut found = Vec::new();
+        for item in shard.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
+            let (key, value) = item.map_err(|e| {
+                sled_error(
+                    format!("scanning {kind:?} records of shard {shard_index}"),
+                    e,
+                )
+            })?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let Some((_, entity, name)) = keys::decode_record_key(&key) else {
+                return Err(StoreError::Metadata(format!(
+                    "a {kind:?} record key of {} bytes in shard {shard_index} is malformed",
+                    key.len()
+                )));
+            };
+            let value = decode_entry(&entity, kind, &name, &key, &value)?;
+            found.push((entity, StoredEntry { kind, name, value }));
+            if found.len() >= limit {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// A page of the shard's timer index: entries due at or before `up_to_ms`, strictly
+    /// after `after` when given, at most `limit`. Blocking. See [`super::Store::due_timers`].
+    ///
+    /// Once the page holds `limit` entries one more is looked at: if it is not due yet, the
+    /// page ended because nothing more is due and its time is `next_due_ms`; if it is due,
+    /// the page was cut by the limit and `next_due_ms` is `None`.
+    pub(crate) fn due_timers(
+        &self,
+        shard_index: u32,
+        after: Option<&DueTimer>,
+        up_to_ms: u64,
+        limit: usize,
+    ) -> Result<DueTimers, StoreError> {
+        let shard = self.shard(shard_index)?;
+        let lower = match after {
+            Some(t) => Bound::Excluded(keys::timer_index_key(t.due_ms, &t.entity, &t.name)),
+            None => Bound::Included(keys::TIMER_INDEX_PREFIX.to_vec()),
+        };
+        let _reading = shard.apply_lock.read();
+        let mut page = DueTimers::default();
+        for item in shard.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
+            let (key, value) = item.map_err(|e| {
+                sled_error(
+                    format!("scanning the timer index of shard {shard_index}"),
+                    e,
+                )
+            })?;
+            if !key.starts_with(&keys::TIMER_INDEX_PREFIX) {
+                break;
+            }
+            let Some(timer) = keys::decode_timer_index_key(&key) else {
+                return Err(StoreError::Metadata(format!(
+                    "a timer index key of {} bytes in shard {shard_index} is malformed",
+                    key.len()
+                )));
+            };
+            decode_value(&key, &value).map_err(|detail| StoreError::CorruptEntity {
+                entity: timer.entity.clone(),
+                detail: format!(
+                    "timer index entry {} due at {}: {detail}",
+                    name_for_humans(&timer.name),
+                    timer.due_ms
+                ),
+            })?;
+            if timer.due_ms > up_to_ms {
+                page.next_due_ms = Some(timer.due_ms);
+                break;
+            }
+            if page.due.len() >= limit {
+                break;
+            }
+            page.due.push(timer);
+        }
+        Ok(page)
     }
 
     /// Keys of existing entities of a type, across all shards. Blocking. See
@@ -271,4 +418,67 @@ impl State {
         found.truncate(limit);
         Ok(found)
     }
+}
+
+/// A record name in an error message: as text if it is printable UTF-8, else in hex.
+fn name_for_humans(name: &[u8]) -> String {
+    match std::str::from_utf8(name) {
+        Ok(text) if !text.chars().any(char::is_control) => format!("{text:?}"),
+        _ => {
+            let hex: String = name.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}
+
+/// Refuses an entity with a corruption marker, like `load` does.
+fn check_not_corrupt(tree: &sled::Tree, entity: &EntityId) -> Result<(), StoreError> {
+    match tree
+        .get(keys::corrupt_key(entity))
+        .map_err(|e| sled_error(format!("reading {entity}"), e))?
+    {
+        Some(detail) => Err(StoreError::CorruptEntity {
+            entity: entity.clone(),
+            detail: String::from_utf8_lossy(&detail).into_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Verifies and unwraps a record value read from under `key`.
+fn decode_entry(
+    entity: &EntityId,
+    kind: RecordKind,
+    name: &[u8],
+    key: &[u8],
+    value: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    decode_value(key, value)
+        .map(|record| record.payload)
+        .map_err(|detail| StoreError::CorruptEntity {
+            entity: entity.clone(),
+            detail: format!("{kind:?} record {}: {detail}", name_for_humans(name)),
+        })
+}
+
+/// Every record of `kind` of the entity in `tree`, in name order. The caller holds the
+/// shard's `apply_lock` for reading.
+fn entity_records(
+    tree: &sled::Tree,
+    entity: &EntityId,
+    kind: RecordKind,
+) -> Result<Vec<StoredEntry>, StoreError> {
+    let prefix = keys::record_prefix(kind, entity);
+    let mut records = Vec::new();
+    for item in tree.scan_prefix(&prefix) {
+        let (key, value) = item.map_err(|e| sled_error(format!("reading {entity}"), e))?;
+        let name = key.get(prefix.len()..).unwrap_or_default();
+        let value = decode_entry(entity, kind, name, &key, &value)?;
+        records.push(StoredEntry {
+            kind,
+            name: name.to_vec(),
+            value,
+        });
+    }
+    Ok(records)
 }

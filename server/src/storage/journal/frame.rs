@@ -6,9 +6,16 @@
 //! header (14 bytes): head_crc u32 | body_crc u32 | head_len u16 | body_len u32
 //! head:              format u8 | shard u32 | type_len u16 | type | key_len u16 | key
 //! body:              op_count u32 | op*
-//! op:                tag u8 (1 event, 2 snapshot, 3 delete)
+//! op:                tag u8 (1 event, 2 snapshot, 3 delete, 4 put record, 5 remove record,
+//!                            6 put timer due, 7 remove timer due)
 //!                    [event, snapshot: seq u64 | behaviour_version u32 | payload_len u32 | payload]
+//!                    [put record:      kind u8 | name_len u16 | name | value_len u32 | value]
+//!                    [remove record:   kind u8 | name_len u16 | name]
+//!                    [timer due ops:   due_ms u64 | name_len u16 | name]
 //! ```
+//!
+//! A record kind is written as its key's kind byte (`keys::record_kind_byte`). An unknown tag
+//! or kind byte, or a name longer than [`RECORD_NAME_BYTES_MAX`], is a decode error.
 //!
 //! All integers are big-endian. `head_crc` is CRC32C over `head_len | body_len | body_crc |
 //! head`, so a verified head vouches for both lengths and for the body's checksum: when only
@@ -19,7 +26,8 @@
 use crate::address::{EntityId, KEY_BYTES_MAX, TYPE_BYTES_MAX};
 
 use super::super::codec::{put_len_u16, put_len_u32, Reader};
-use super::super::{EntityBatch, Op};
+use super::super::keys::{record_kind_byte, record_kind_of_byte};
+use super::super::{EntityBatch, Op, RECORD_NAME_BYTES_MAX};
 
 /// The frame format this build writes and reads.
 pub const FRAME_FORMAT_VERSION: u8 = 1;
@@ -36,6 +44,10 @@ pub const FRAME_BODY_BYTES_MAX: usize = 32 * 1024 * 1024;
 const TAG_EVENT: u8 = 1;
 const TAG_SNAPSHOT: u8 = 2;
 const TAG_DELETE: u8 = 3;
+const TAG_PUT_RECORD: u8 = 4;
+const TAG_REMOVE_RECORD: u8 = 5;
+const TAG_PUT_TIMER_DUE: u8 = 6;
+const TAG_REMOVE_TIMER_DUE: u8 = 7;
 
 /// What a verified head says about its frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,12 +80,18 @@ pub fn body_len(ops: &[Op]) -> usize {
                 1 + 8 + 4 + 4 + payload.len()
             }
             Op::Delete => 1,
+            Op::PutRecord { name, value, .. } => 1 + 1 + 2 + name.len() + 4 + value.len(),
+            Op::RemoveRecord { name, .. } => 1 + 1 + 2 + name.len(),
+            Op::PutTimerDue { name, .. } | Op::RemoveTimerDue { name, .. } => {
+                1 + 8 + 2 + name.len()
+            }
         })
         .sum::<usize>()
 }
 
-/// Encodes a batch as one frame. The caller has validated the entity address and checked
-/// [`body_len`] against [`FRAME_BODY_BYTES_MAX`].
+/// Encodes a batch as one frame. The caller has validated the entity address and the record
+/// names (at most [`RECORD_NAME_BYTES_MAX`] bytes) and checked [`body_len`] against
+/// [`FRAME_BODY_BYTES_MAX`].
 pub fn encode_frame(batch: &EntityBatch) -> Vec<u8> {
     let entity_type = batch.entity.entity_type.as_bytes();
     let key = batch.entity.key.as_bytes();
@@ -116,6 +134,31 @@ pub fn encode_frame(batch: &EntityBatch) -> Vec<u8> {
                 frame.extend_from_slice(payload);
             }
             Op::Delete => frame.push(TAG_DELETE),
+            Op::PutRecord { kind, name, value } => {
+                frame.push(TAG_PUT_RECORD);
+                frame.push(record_kind_byte(*kind));
+                put_len_u16(&mut frame, name.len());
+                frame.extend_from_slice(name);
+                put_len_u32(&mut frame, value.len());
+                frame.extend_from_slice(value);
+            }
+            Op::RemoveRecord { kind, name } => {
+                frame.push(TAG_REMOVE_RECORD);
+                frame.push(record_kind_byte(*kind));
+                put_len_u16(&mut frame, name.len());
+                frame.extend_from_slice(name);
+            }
+            Op::PutTimerDue { due_ms, name } | Op::RemoveTimerDue { due_ms, name } => {
+                let tag = if matches!(op, Op::PutTimerDue { .. }) {
+                    TAG_PUT_TIMER_DUE
+                } else {
+                    TAG_REMOVE_TIMER_DUE
+                };
+                frame.push(tag);
+                frame.extend_from_slice(&due_ms.to_be_bytes());
+                put_len_u16(&mut frame, name.len());
+                frame.extend_from_slice(name);
+            }
         }
     }
     debug_assert_eq!(frame.len(), FRAME_HEADER_BYTES + head_len + body_len);
@@ -253,6 +296,28 @@ pub fn decode_body(body: &[u8]) -> Result<Vec<Op>, String> {
                 }
             }
             TAG_DELETE => Op::Delete,
+            tag @ (TAG_PUT_RECORD | TAG_REMOVE_RECORD) => {
+                let kind_byte = reader.u8().ok_or_else(truncated)?;
+                let kind = record_kind_of_byte(kind_byte)
+                    .ok_or_else(|| format!("unknown record kind {kind_byte} in frame body"))?;
+                let name = read_name(&mut reader)?;
+                if tag == TAG_PUT_RECORD {
+                    let len = reader.u32().ok_or_else(truncated)? as usize;
+                    let value = reader.take(len).ok_or_else(truncated)?.to_vec();
+                    Op::PutRecord { kind, name, value }
+                } else {
+                    Op::RemoveRecord { kind, name }
+                }
+            }
+            tag @ (TAG_PUT_TIMER_DUE | TAG_REMOVE_TIMER_DUE) => {
+                let due_ms = reader.u64().ok_or_else(truncated)?;
+                let name = read_name(&mut reader)?;
+                if tag == TAG_PUT_TIMER_DUE {
+                    Op::PutTimerDue { due_ms, name }
+                } else {
+                    Op::RemoveTimerDue { due_ms, name }
+                }
+            }
             other => return Err(format!("unknown operation tag {other} in frame body")),
         };
         ops.push(op);
@@ -266,9 +331,22 @@ pub fn decode_body(body: &[u8]) -> Result<Vec<Op>, String> {
     Ok(ops)
 }
 
+/// Reads `name_len u16 | name`, refusing names over the limit.
+fn read_name(reader: &mut Reader<'_>) -> Result<Vec<u8>, String> {
+    let truncated = || "frame body ends early".to_string();
+    let len = usize::from(reader.u16().ok_or_else(truncated)?);
+    if len > RECORD_NAME_BYTES_MAX {
+        return Err(format!(
+            "record name of {len} bytes in frame body; the limit is {RECORD_NAME_BYTES_MAX}"
+        ));
+    }
+    Ok(reader.take(len).ok_or_else(truncated)?.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::RecordKind;
 
     pub(crate) fn sample_batch() -> EntityBatch {
         EntityBatch {
@@ -291,8 +369,50 @@ mod tests {
                     behaviour_version: 2,
                     payload: Vec::new(),
                 },
+                Op::PutRecord {
+                    kind: RecordKind::Inbox,
+                    name: 7u64.to_be_bytes().to_vec(),
+                    value: b"message".to_vec(),
+                },
+                Op::RemoveRecord {
+                    kind: RecordKind::Dedup,
+                    name: b"request-1".to_vec(),
+                },
+                Op::PutTimerDue {
+                    due_ms: 1_700_000_000_000,
+                    name: b"tick".to_vec(),
+                },
+                Op::RemoveTimerDue {
+                    due_ms: u64::MAX,
+                    name: Vec::new(),
+                },
             ],
         }
+    }
+
+    /// One of each op, with every record kind and edge-sized names and values.
+    fn every_op() -> Vec<Op> {
+        let mut ops = sample_batch().ops;
+        for kind in RecordKind::ALL {
+            for name in [Vec::new(), vec![0xff; RECORD_NAME_BYTES_MAX]] {
+                ops.push(Op::PutRecord {
+                    kind,
+                    name: name.clone(),
+                    value: Vec::new(),
+                });
+                ops.push(Op::PutRecord {
+                    kind,
+                    name: name.clone(),
+                    value: vec![kind as u8; 70_000],
+                });
+                ops.push(Op::RemoveRecord { kind, name });
+            }
+        }
+        ops.push(Op::PutTimerDue {
+            due_ms: 0,
+            name: vec![0; RECORD_NAME_BYTES_MAX],
+        });
+        ops
     }
 
     fn decode_frame(frame: &[u8]) -> Result<(VerifiedHead, Vec<Op>), String> {
@@ -319,6 +439,66 @@ mod tests {
         assert_eq!(head.entity, batch.entity);
         assert_eq!(head.frame_len(), frame.len());
         assert_eq!(ops, batch.ops);
+    }
+
+    #[test]
+    fn every_op_round_trips_and_truncated_bodies_are_refused() {
+        let ops = every_op();
+        let batch = EntityBatch {
+            ops: ops.clone(),
+            ..sample_batch()
+        };
+        let frame = encode_frame(&batch);
+        let (head, decoded) = decode_frame(&frame).unwrap();
+        assert_eq!(decoded, ops);
+        assert_eq!(head.body_len, body_len(&ops));
+        // Each op alone, and the body cut at every byte: an error, never a panic.
+        for op in sample_batch().ops {
+            let batch = EntityBatch {
+                ops: vec![op.clone()],
+                ..sample_batch()
+            };
+            let frame = encode_frame(&batch);
+            let head = verify_head(&frame, 0).unwrap();
+            let body = &frame[head.body_offset()..];
+            assert_eq!(body.len(), body_len(&batch.ops));
+            assert_eq!(decode_body(body).unwrap(), vec![op.clone()]);
+            for len in 0..body.len() {
+                assert!(decode_body(&body[..len]).is_err(), "{op:?} cut at {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_and_long_names_are_decode_errors() {
+        let body = |op: &Op| {
+            let frame = encode_frame(&EntityBatch {
+                ops: vec![op.clone()],
+                ..sample_batch()
+            });
+            let offset = verify_head(&frame, 0).unwrap().body_offset();
+            frame[offset..].to_vec()
+        };
+        let put = Op::PutRecord {
+            kind: RecordKind::Outbox,
+            name: b"n".to_vec(),
+            value: b"v".to_vec(),
+        };
+        let mut bad_kind = body(&put);
+        // op_count u32, tag u8, then the kind byte.
+        bad_kind[5] = b's';
+        let err = decode_body(&bad_kind).unwrap_err();
+        assert!(err.contains("record kind"), "{err}");
+        let mut long_name = body(&Op::RemoveTimerDue {
+            due_ms: 1,
+            name: vec![1],
+        });
+        // op_count u32, tag u8, due u64, then the name length.
+        long_name[13..15].copy_from_slice(&((RECORD_NAME_BYTES_MAX + 1) as u16).to_be_bytes());
+        long_name.extend(vec![1; RECORD_NAME_BYTES_MAX]);
+        let err = decode_body(&long_name).unwrap_err();
+        assert!(err.contains("limit"), "{err}");
+        assert!(decode_body(&[0, 0, 0, 1, 8]).is_err());
     }
 
     #[test]
