@@ -257,7 +257,8 @@ impl TypedBehaviour for Alarm {
         if info["payload"]["crash"] == json!(true) {
             return Err(BehaviourError::Failed("poison timer".into()));
         }
-        let fired = json!({"name": info["name"], "payload": info["payload"], "due_ms": info["due_ms"]});
+        let fired =
+            json!({"name": info["name"], "payload": info["payload"], "due_ms": info["due_ms"]});
         Ok(TypedTurn::with_events(Value::Null, vec![fired]))
     }
 

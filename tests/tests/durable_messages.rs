@@ -23,7 +23,11 @@ async fn eventually(
 ) -> Value {
     let started = Instant::now();
     loop {
-        if let Ok(reply) = client.call(entity_type, key, message.clone()).await {
+        if let Ok(reply) = client
+            .call(entity_type, key, message.clone())
+            .await
+            .map(|outcome| outcome.reply)
+        {
             if done(&reply) {
                 return reply;
             }
@@ -51,10 +55,13 @@ fn fired_names(reply: &Value) -> Vec<String> {
 async fn timers_fire_in_order_and_cancelled_ones_never_do() {
     let server = TestServer::start_embedded(&[]);
     let client = server.client().await;
-    let set = |name: &str, after_ms: u64| {
-        json!({"op": "set", "name": name, "after_ms": after_ms, "payload": {"n": name}})
-    };
-    for (name, after) in [("late", 600), ("early", 100), ("cancelled", 300), ("middle", 350)] {
+    let set = |name: &str, after_ms: u64| json!({"op": "set", "name": name, "after_ms": after_ms, "payload": {"n": name}});
+    for (name, after) in [
+        ("late", 600),
+        ("early", 100),
+        ("cancelled", 300),
+        ("middle", 350),
+    ] {
         client.call("alarm", "a", set(name, after)).await.unwrap();
     }
     client
@@ -63,9 +70,14 @@ async fn timers_fire_in_order_and_cancelled_ones_never_do() {
         .unwrap();
     // Replacing a timer moves it: "middle" now fires after "late".
     client.call("alarm", "a", set("middle", 800)).await.unwrap();
-    let reply = eventually(&client, "alarm", "a", json!({"op": "fired"}), "timers", |r| {
-        fired_names(r).len() >= 3
-    })
+    let reply = eventually(
+        &client,
+        "alarm",
+        "a",
+        json!({"op": "fired"}),
+        "timers",
+        |r| fired_names(r).len() >= 3,
+    )
     .await;
     assert_eq!(fired_names(&reply), vec!["early", "late", "middle"]);
     assert_eq!(reply["fired"][0]["payload"], json!({"n": "early"}));
@@ -89,9 +101,14 @@ async fn a_timer_due_while_the_server_is_down_fires_at_recovery() {
     std::thread::sleep(Duration::from_millis(500));
     server.restart();
     let client = server.client().await;
-    let reply = eventually(&client, "alarm", "sleeper", json!({"op": "fired"}), "recovered timer", |r| {
-        fired_names(r) == vec!["wake"]
-    })
+    let reply = eventually(
+        &client,
+        "alarm",
+        "sleeper",
+        json!({"op": "fired"}),
+        "recovered timer",
+        |r| fired_names(r) == vec!["wake"],
+    )
     .await;
     assert!(reply["fired"][0]["due_ms"].as_u64().is_some());
 }
@@ -127,10 +144,17 @@ async fn a_poison_timer_becomes_a_dead_letter_that_can_be_redriven_and_discarded
     assert!(letter.reason.contains("poison timer"), "{}", letter.reason);
     assert_eq!(letter.message["name"], json!("bad"));
     // The entity is fine meanwhile.
-    let fired = client.call("alarm", "p", json!({"op": "fired"})).await.unwrap();
+    let fired = client
+        .call("alarm", "p", json!({"op": "fired"}))
+        .await
+        .unwrap()
+        .reply;
     assert_eq!(fired_names(&fired), Vec::<String>::new());
 
-    // Re-driven, it crashes again and comes back as a new dead letter.
+    // Re-driven (after a reset, as an operator would once the cause is fixed: the first
+    // three crashes used up the entity's restart intensity), it crashes again and comes
+    // back as a new dead letter.
+    client.reset_entity("alarm", "p").await.unwrap();
     client
         .redrive_dead_letter("alarm", "p", &letter.id)
         .await
@@ -144,15 +168,24 @@ async fn a_poison_timer_becomes_a_dead_letter_that_can_be_redriven_and_discarded
         if letters.len() == 1 && letters[0].id != letter.id {
             break letters[0].clone();
         }
-        assert!(started.elapsed() < PATIENCE, "the re-driven message did not come back");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the re-driven message did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(again.kind, "durable_cast");
     let listed = server.cli(&["dead-letters", "--type", "alarm", "--json"]);
     assert_eq!(listed.code(), Some(0), "{}", listed.stderr());
     assert!(listed.stdout().contains(&again.id), "{}", listed.stdout());
-    assert!(client.discard_dead_letter("alarm", "p", &again.id).await.unwrap());
-    assert!(!client.discard_dead_letter("alarm", "p", &again.id).await.unwrap());
+    assert!(client
+        .discard_dead_letter("alarm", "p", &again.id)
+        .await
+        .unwrap());
+    assert!(!client
+        .discard_dead_letter("alarm", "p", &again.id)
+        .await
+        .unwrap());
     assert!(client
         .list_all_dead_letters(None, None)
         .await
@@ -205,13 +238,17 @@ async fn a_chain_of_sends_survives_sigkills_exactly_once() {
             let reply = client
                 .call("relay", &key.to_string(), json!({"op": "state"}))
                 .await
-                .unwrap();
+                .unwrap()
+                .reply;
             total += reply["received"]
                 .as_object()
                 .map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>());
             states.push(reply);
         }
-        assert!(total <= total_expected, "more visits than sent: {total} > {total_expected}");
+        assert!(
+            total <= total_expected,
+            "more visits than sent: {total} > {total_expected}"
+        );
         if total == total_expected {
             for (key, state) in states.iter().enumerate() {
                 for (token, visits) in &expected {
@@ -258,9 +295,14 @@ async fn a_request_gets_its_reply_as_an_info_message() {
         )
         .await
         .unwrap();
-    let reply = eventually(&client, "relay", "a", json!({"op": "state"}), "replies", |r| {
-        r["replies"].as_array().is_some_and(|a| a.len() == 2)
-    })
+    let reply = eventually(
+        &client,
+        "relay",
+        "a",
+        json!({"op": "state"}),
+        "replies",
+        |r| r["replies"].as_array().is_some_and(|a| a.len() == 2),
+    )
     .await;
     let first = &reply["replies"][0];
     assert_eq!(first["info"], json!("reply"));
@@ -310,11 +352,18 @@ async fn a_send_that_keeps_crashing_its_target_becomes_a_dead_letter_there() {
         )
         .await
         .unwrap();
-    eventually(&client, "relay", "0", json!({"op": "state"}), "reply after a dead letter", |r| {
-        r["replies"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|i| i["tag"] == json!("after")))
-    })
+    eventually(
+        &client,
+        "relay",
+        "0",
+        json!({"op": "state"}),
+        "reply after a dead letter",
+        |r| {
+            r["replies"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|i| i["tag"] == json!("after")))
+        },
+    )
     .await;
 }
 
@@ -333,7 +382,10 @@ async fn the_same_request_id_changes_state_once_also_across_a_sigkill() {
         .await
         .unwrap();
     assert!(again.deduplicated);
-    assert_eq!((again.reply.clone(), again.seq), (first.reply.clone(), first.seq));
+    assert_eq!(
+        (again.reply.clone(), again.seq),
+        (first.reply.clone(), first.seq)
+    );
 
     server.kill();
     server.restart();
@@ -344,7 +396,10 @@ async fn the_same_request_id_changes_state_once_also_across_a_sigkill() {
         .unwrap();
     assert!(after_crash.deduplicated);
     assert_eq!(after_crash.reply, first.reply);
-    assert_eq!(client.get("counter", "c").await.unwrap().state, json!({"value": 5}));
+    assert_eq!(
+        client.get("counter", "c").await.unwrap().state,
+        json!({"value": 5})
+    );
     // Another id is another change; the CLI sets ids too.
     let cli = server.cli(&[
         "call",
@@ -364,7 +419,10 @@ async fn the_same_request_id_changes_state_once_also_across_a_sigkill() {
         "cli-1",
     ]);
     assert_eq!(cli.code(), Some(0), "{}", cli.stderr());
-    assert_eq!(client.get("counter", "c").await.unwrap().state, json!({"value": 6}));
+    assert_eq!(
+        client.get("counter", "c").await.unwrap().state,
+        json!({"value": 6})
+    );
     // A malformed id is refused and changes nothing.
     let err = client
         .call_with(
@@ -375,7 +433,11 @@ async fn the_same_request_id_changes_state_once_also_across_a_sigkill() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.code(), statehouse_client::Code::InvalidArgument, "{err}");
+    assert_eq!(
+        err.code(),
+        statehouse_client::Code::InvalidArgument,
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,7 +479,10 @@ async fn a_durable_cast_is_processed_even_if_the_server_dies_right_after_accepti
         if value == 20 {
             break;
         }
-        assert!(started.elapsed() < PATIENCE, "only {value} of 20 durable casts ran");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "only {value} of 20 durable casts ran"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
