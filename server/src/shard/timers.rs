@@ -30,7 +30,8 @@ use super::directory::ShardContext;
 pub const REDELIVERY_AFTER: Duration = Duration::from_secs(1);
 /// Index entries read per page.
 const PAGE: usize = 512;
-/// How soon a delivery refused for a full mailbox is tried again.
+/// How soon a delivery refused for a full mailbox is tried again (other refusals wait
+/// [`REDELIVERY_AFTER`]).
 const BUSY_RETRY: Duration = Duration::from_millis(20);
 /// How soon the service tries again after storage failed to answer.
 const ERROR_RETRY: Duration = Duration::from_secs(1);
@@ -106,9 +107,14 @@ pub(super) async fn run(
                     }
                     Err(EntityError::ShuttingDown) => return,
                     Err(error) => {
-                        tracing::debug!(shard, entity = %timer.entity, %error, "timer delivery refused; retrying");
-                        retry_soon =
-                            Some(retry_soon.map_or(BUSY_RETRY, |d: Duration| d.min(BUSY_RETRY)));
+                        // A full mailbox frees up soon; a quarantined entity or a shard in
+                        // backoff takes longer.
+                        let retry = match error {
+                            EntityError::MailboxFull { .. } => BUSY_RETRY,
+                            _ => REDELIVERY_AFTER,
+                        };
+                        tracing::debug!(shard, entity = %timer.entity, %error, ?retry, "timer delivery refused; retrying");
+                        retry_soon = Some(retry_soon.map_or(retry, |d: Duration| d.min(retry)));
                     }
                 }
             }
