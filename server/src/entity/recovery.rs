@@ -158,6 +158,7 @@ mod tests {
                 record(5, json!({"event": "added", "by": 2})),
                 record(6, json!({"event": "added", "by": 3})),
             ],
+            records: Vec::new(),
         };
         let counter = Typed(Counter);
         let latest: Arc<dyn Behaviour> = Arc::new(counter);
@@ -180,6 +181,7 @@ mod tests {
                 record(1, json!({"event": "reset"})),
                 record(3, json!({"event": "reset"})),
             ],
+            records: Vec::new(),
         };
         let latest: Arc<dyn Behaviour> = Arc::new(Typed(Counter));
         let err = recover(&latest, &|_| None, &id, loaded).err().unwrap();
@@ -193,6 +195,7 @@ mod tests {
             records: Vec::new(),
             snapshot: None,
             events: vec![record(1, json!({"event": "set", "value": 1}))],
+            records: Vec::new(),
         };
         let latest: Arc<dyn Behaviour> = Arc::new(Typed(Counter));
         let err = recover(&latest, &|_| None, &id, loaded).err().unwrap();

@@ -15,13 +15,27 @@ use tokio::time::Instant;
 use super::*;
 use crate::behaviour::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Value};
 use crate::shutdown::Shutdown;
-use crate::storage::{Durable, EntityBatch, LoadedEntity, Op, StoreError, StoredRecord};
+use crate::storage::keys::{record_key, record_prefix, timer_index_key};
+use crate::storage::{
+    DueTimer, DueTimers, Durable, EntityBatch, LoadedEntity, Op, RecordKind, StoreError,
+    StoredEntry, StoredRecord,
+};
 use crate::supervisor::RestartPolicy;
+
+/// Records and the timer index of [`MemoryStore`], keyed by shard and the sled key the real
+/// store would use, so scans come out in the same order.
+#[derive(Default)]
+struct MemoryRecords {
+    records: BTreeMap<(u32, Vec<u8>), (EntityId, StoredEntry)>,
+    timers: BTreeMap<(u32, Vec<u8>), DueTimer>,
+}
 
 /// A `Store` held in memory, for tests of the layers above storage only.
 #[derive(Default)]
 struct MemoryStore {
     entities: Mutex<BTreeMap<EntityId, LoadedEntity>>,
+    /// Locked after `entities` when both are.
+    records: Mutex<MemoryRecords>,
     catalog: Mutex<BTreeMap<String, Vec<u8>>>,
     commits: AtomicUsize,
     snapshots: AtomicUsize,
@@ -56,13 +70,93 @@ impl Store for MemoryStore {
         }))
     }
 
-    async fn load(&self, _shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
-        Ok(self
-            .entities
-            .lock()
-            .get(entity)
-            .cloned()
-            .unwrap_or_default())
+    async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
+        let entities = self.entities.lock();
+        let records = self.records.lock();
+        let mut loaded = entities.get(entity).cloned().unwrap_or_default();
+        loaded.records = RecordKind::LOADED
+            .iter()
+            .flat_map(|kind| records.of_entity(shard, entity, *kind))
+            .collect();
+        Ok(loaded)
+    }
+
+    async fn record(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+        name: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let records = self.records.lock();
+        Ok(records
+            .records
+            .get(&(shard, record_key(kind, entity, name)))
+            .map(|(_, entry)| entry.value.clone()))
+    }
+
+    async fn entity_records(
+        &self,
+        shard: u32,
+        entity: &EntityId,
+        kind: RecordKind,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        Ok(self.records.lock().of_entity(shard, entity, kind))
+    }
+
+    async fn scan_records(
+        &self,
+        shard: u32,
+        kind: RecordKind,
+        after: Option<(EntityId, Vec<u8>)>,
+        limit: usize,
+    ) -> Result<Vec<(EntityId, StoredEntry)>, StoreError> {
+        use std::ops::Bound;
+        let lower = match &after {
+            Some((entity, name)) => Bound::Excluded((shard, record_key(kind, entity, name))),
+            None => Bound::Included((shard, Vec::new())),
+        };
+        let records = self.records.lock();
+        Ok(records
+            .records
+            .range((lower, Bound::Unbounded))
+            .take_while(|((s, _), _)| *s == shard)
+            .filter(|(_, (_, entry))| entry.kind == kind)
+            .take(limit)
+            .map(|(_, found)| found.clone())
+            .collect())
+    }
+
+    async fn due_timers(
+        &self,
+        shard: u32,
+        after: Option<DueTimer>,
+        up_to_ms: u64,
+        limit: usize,
+    ) -> Result<DueTimers, StoreError> {
+        use std::ops::Bound;
+        let lower = match &after {
+            Some(t) => Bound::Excluded((shard, timer_index_key(t.due_ms, &t.entity, &t.name))),
+            None => Bound::Included((shard, Vec::new())),
+        };
+        let records = self.records.lock();
+        let mut page = DueTimers::default();
+        for ((s, _), timer) in records.timers.range((lower, Bound::Unbounded)) {
+            if *s != shard {
+                break;
+            }
+            // Same rule as the real store: past a full page, one more entry tells whether
+            // the page was cut by the limit (it is due) or by the time (it is not).
+            if timer.due_ms > up_to_ms {
+                page.next_due_ms = Some(timer.due_ms);
+                break;
+            }
+            if page.due.len() >= limit {
+                break;
+            }
+            page.due.push(timer.clone());
+        }
+        Ok(page)
     }
 
     async fn list(
@@ -112,24 +206,30 @@ impl MemoryStore {
         }
         self.commits.fetch_add(1, Ordering::SeqCst);
         let mut entities = self.entities.lock();
+        let mut records = self.records.lock();
+        let (shard, id) = (batch.shard, &batch.entity);
         for op in batch.ops {
-            let entity = entities.entry(batch.entity.clone()).or_default();
             match op {
                 Op::Event {
                     seq,
                     behaviour_version,
                     payload,
-                } => entity.events.push(StoredRecord {
-                    seq,
-                    behaviour_version,
-                    payload,
-                }),
+                } => entities
+                    .entry(id.clone())
+                    .or_default()
+                    .events
+                    .push(StoredRecord {
+                        seq,
+                        behaviour_version,
+                        payload,
+                    }),
                 Op::Snapshot {
                     seq,
                     behaviour_version,
                     payload,
                 } => {
                     self.snapshots.fetch_add(1, Ordering::SeqCst);
+                    let entity = entities.entry(id.clone()).or_default();
                     entity.events.retain(|e| e.seq > seq);
                     entity.snapshot = Some(StoredRecord {
                         seq,
@@ -138,11 +238,54 @@ impl MemoryStore {
                     });
                 }
                 Op::Delete => {
-                    entities.remove(&batch.entity);
+                    entities.remove(id);
+                    // Every record of the entity; its timer index entries stay.
+                    for kind in RecordKind::ALL {
+                        let prefix = record_prefix(kind, id);
+                        records
+                            .records
+                            .retain(|(s, key), _| *s != shard || !key.starts_with(&prefix));
+                    }
+                }
+                Op::PutRecord { kind, name, value } => {
+                    let key = record_key(kind, id, &name);
+                    let entry = StoredEntry { kind, name, value };
+                    records.records.insert((shard, key), (id.clone(), entry));
+                }
+                Op::RemoveRecord { kind, name } => {
+                    records
+                        .records
+                        .remove(&(shard, record_key(kind, id, &name)));
+                }
+                Op::PutTimerDue { due_ms, name } => {
+                    let key = timer_index_key(due_ms, id, &name);
+                    let timer = DueTimer {
+                        due_ms,
+                        entity: id.clone(),
+                        name,
+                    };
+                    records.timers.insert((shard, key), timer);
+                }
+                Op::RemoveTimerDue { due_ms, name } => {
+                    records
+                        .timers
+                        .remove(&(shard, timer_index_key(due_ms, id, &name)));
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl MemoryRecords {
+    /// The entity's records of `kind`, in name order.
+    fn of_entity(&self, shard: u32, entity: &EntityId, kind: RecordKind) -> Vec<StoredEntry> {
+        let prefix = record_prefix(kind, entity);
+        self.records
+            .range((shard, prefix.clone())..)
+            .take_while(|((s, key), _)| *s == shard && key.starts_with(&prefix))
+            .map(|(_, (_, entry))| entry.clone())
+            .collect()
     }
 }
 

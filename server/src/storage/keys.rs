@@ -484,7 +484,7 @@ mod tests {
     fn the_timer_index_sorts_by_due_time_first() {
         let a = id("a", "z");
         let b = id("b", "a");
-        let mut keys = vec![
+        let mut keys = [
             timer_index_key(300, &a, b"x"),
             timer_index_key(2, &b, b""),
             timer_index_key(256, &a, b"y"),

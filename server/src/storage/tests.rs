@@ -966,6 +966,7 @@ impl Model {
         LoadedEntity {
             snapshot: self.snapshot.clone(),
             events: self.events.clone(),
+            records: Vec::new(),
         }
     }
 }
