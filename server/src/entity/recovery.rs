@@ -152,7 +152,6 @@ mod tests {
     fn folds_snapshot_then_events() {
         let id = EntityId::new("counter", "k").unwrap();
         let loaded = LoadedEntity {
-            records: Vec::new(),
             snapshot: Some(record(4, json!({"value": 10}))),
             events: vec![
                 record(5, json!({"event": "added", "by": 2})),
@@ -175,7 +174,6 @@ mod tests {
     fn a_gap_in_sequence_numbers_is_corruption() {
         let id = EntityId::new("counter", "k").unwrap();
         let loaded = LoadedEntity {
-            records: Vec::new(),
             snapshot: None,
             events: vec![
                 record(1, json!({"event": "reset"})),
@@ -192,7 +190,6 @@ mod tests {
     fn an_event_of_another_type_fails_recovery() {
         let id = EntityId::new("counter", "k").unwrap();
         let loaded = LoadedEntity {
-            records: Vec::new(),
             snapshot: None,
             events: vec![record(1, json!({"event": "set", "value": 1}))],
             records: Vec::new(),
