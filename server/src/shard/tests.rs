@@ -1185,3 +1185,134 @@ async fn output_gates_run_turns_ahead_but_hold_every_reply_until_durable() {
     let (view, _) = read.await.unwrap().unwrap();
     assert_eq!(view.state, json!({"value": 5}));
 }
+
+#[tokio::test]
+async fn a_request_id_gets_the_stored_reply_and_the_handler_runs_once() {
+    let store = Arc::new(MemoryStore::default());
+    let shards = shards_on(store.clone(), config());
+    let incr = || json!({"op": "incr", "by": 2});
+    let first = shards
+        .call(counter("a"), incr(), None, Some("r-1".into()))
+        .await
+        .unwrap();
+    let again = shards
+        .call(counter("a"), incr(), None, Some("r-1".into()))
+        .await
+        .unwrap();
+    assert!(!first.deduplicated);
+    assert!(again.deduplicated);
+    assert_eq!((again.reply, again.seq), (first.reply.clone(), first.seq));
+    // A new activation reads the stored reply back from storage.
+    assert!(shards.stop(counter("a")).await.unwrap());
+    let after_restart = shards
+        .call(counter("a"), incr(), None, Some("r-1".into()))
+        .await
+        .unwrap();
+    assert!(after_restart.deduplicated);
+    assert_eq!(after_restart.reply, first.reply);
+    let (view, _) = shards.get(counter("a")).await.unwrap();
+    assert_eq!((view.state, view.seq), (json!({"value": 2}), 1));
+    // Another id is another change; a malformed one is refused before anything runs.
+    let other = shards
+        .call(counter("a"), incr(), None, Some("r-2".into()))
+        .await
+        .unwrap();
+    assert_eq!(other.reply, json!({"value": 4}));
+    let refused = shards
+        .call(counter("a"), incr(), None, Some("not valid".into()))
+        .await;
+    assert!(
+        matches!(refused, Err(EntityError::InvalidMessage { .. })),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn messages_from_an_entity_are_applied_once_and_in_its_order() {
+    use crate::entity::records::{MessageKind, OutboxMessage};
+    use crate::entity::DeliveryAck;
+
+    let store = Arc::new(MemoryStore::default());
+    let shards = shards_on(store.clone(), config());
+    let sender = counter("sender");
+    let target = counter("target");
+    let deliver = |pair_seq: u64| {
+        let (reply, answer) = oneshot::channel();
+        let message = OutboxMessage {
+            to: target.clone(),
+            pair_seq,
+            kind: MessageKind::Cast,
+            message: json!({"op": "incr"}),
+        };
+        let envelope = Envelope {
+            request: Request::Deliver {
+                from: sender.clone(),
+                message,
+                reply,
+            },
+            deadline: None,
+        };
+        shards.route(&target, envelope).unwrap();
+        async move { answer.await.unwrap().unwrap() }
+    };
+    assert_eq!(deliver(1).await, DeliveryAck::Accepted);
+    assert_eq!(deliver(1).await, DeliveryAck::Duplicate);
+    assert_eq!(deliver(3).await, DeliveryAck::Gap { expected: 2 });
+    assert_eq!(deliver(2).await, DeliveryAck::Accepted);
+    assert_eq!(deliver(3).await, DeliveryAck::Accepted);
+    // The receipt is durable with the turns: a new activation knows what it applied.
+    assert!(shards.stop(target.clone()).await.unwrap());
+    assert_eq!(deliver(2).await, DeliveryAck::Duplicate);
+    assert_eq!(deliver(4).await, DeliveryAck::Accepted);
+    let (view, _) = shards.get(target.clone()).await.unwrap();
+    assert_eq!(view.state, json!({"value": 4}));
+}
+
+#[tokio::test]
+async fn a_durable_cast_is_in_the_inbox_before_it_is_acknowledged_and_handled_after() {
+    let store = Arc::new(MemoryStore::default());
+    let shards = shards_on(store.clone(), config());
+    let seen = shards
+        .durable_cast(
+            counter("d"),
+            json!({"op": "incr"}),
+            None,
+            Some("c-1".into()),
+        )
+        .await
+        .unwrap();
+    assert!(!seen);
+    let seen = shards
+        .durable_cast(
+            counter("d"),
+            json!({"op": "incr"}),
+            None,
+            Some("c-1".into()),
+        )
+        .await
+        .unwrap();
+    assert!(seen, "the same request id is accepted once");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let value = shards
+            .get(counter("d"))
+            .await
+            .map(|(view, _)| view.state)
+            .ok();
+        if value == Some(json!({"value": 1})) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the durable cast was not handled: {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Handled means removed from the inbox: a new activation does not run it again.
+    assert!(shards.stop(counter("d")).await.unwrap());
+    let reply = shards
+        .call(counter("d"), json!({"op": "get"}), None, None)
+        .await
+        .unwrap();
+    assert_eq!(reply.reply, json!({"value": 1}));
+}
