@@ -78,7 +78,7 @@ pub enum Request {
     /// A message from another entity, delivered exactly once.
     Deliver {
         from: EntityId,
-        message: OutboxMessage,
+        message: Box<OutboxMessage>,
         reply: oneshot::Sender<Result<DeliveryAck, EntityError>>,
     },
     /// Nothing but activation: the entity loads, and handles what its durable inbox holds.

@@ -530,7 +530,7 @@ impl Process {
                 from,
                 message,
                 reply,
-            } => Box::pin(self.accept_delivery(from, message, reply)).await,
+            } => Box::pin(self.accept_delivery(from, *message, reply)).await,
             Request::Redrive { id, reply } => Box::pin(self.redrive(id, reply)).await,
             Request::Wake => Next::Continue,
             Request::Watch { reply } => {

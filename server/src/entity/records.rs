@@ -182,7 +182,7 @@ mod tests {
     #[test]
     fn outbox_names_sort_by_target_then_sequence() {
         let t = id("t", "k");
-        let mut names = vec![
+        let mut names = [
             outbox_name(&t, 256),
             outbox_name(&t, 2),
             outbox_name(&t, 10),

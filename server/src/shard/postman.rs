@@ -230,7 +230,7 @@ async fn deliver(
     let envelope = Envelope {
         request: Request::Deliver {
             from: from.clone(),
-            message,
+            message: Box::new(message),
             reply,
         },
         deadline: None,

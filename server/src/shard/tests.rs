@@ -1247,7 +1247,7 @@ async fn messages_from_an_entity_are_applied_once_and_in_its_order() {
         let envelope = Envelope {
             request: Request::Deliver {
                 from: sender.clone(),
-                message,
+                message: Box::new(message),
                 reply,
             },
             deadline: None,
