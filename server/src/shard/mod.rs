@@ -258,7 +258,8 @@ impl Shards {
                 }
             }
         }
-        found.sort_by(|a, b| (&a.entity, &a.id).cmp(&(&b.entity, &b.id)));
+        // Storage's key order (lengths before bytes), which the page cursor continues in.
+        found.sort_by(|a, b| storage_order(a).cmp(&storage_order(b)));
         found.truncate(limit);
         Ok(found)
     }
@@ -686,6 +687,18 @@ impl DeadLetter {
             origin: record.item.origin,
         })
     }
+}
+
+/// A dead letter's place in storage's key order: type and key compare by length first.
+fn storage_order(letter: &DeadLetter) -> (usize, &str, usize, &str, &str) {
+    let entity = &letter.entity;
+    (
+        entity.entity_type.len(),
+        &entity.entity_type,
+        entity.key.len(),
+        &entity.key,
+        &letter.id,
+    )
 }
 
 /// Refuses a malformed request id before anything is routed.

@@ -1316,3 +1316,71 @@ async fn a_durable_cast_is_in_the_inbox_before_it_is_acknowledged_and_handled_af
         .unwrap();
     assert_eq!(reply.reply, json!({"value": 1}));
 }
+
+#[tokio::test]
+async fn the_memory_store_keeps_records_like_the_real_one() {
+    let store = MemoryStore::default();
+    let a = counter("a");
+    let put = |kind, name: &[u8]| Op::PutRecord {
+        kind,
+        name: name.to_vec(),
+        value: name.to_vec(),
+    };
+    let ops = vec![
+        put(RecordKind::Outbox, b"o"),
+        put(RecordKind::Inbox, b"i"),
+        put(RecordKind::Timer, b"t"),
+        put(RecordKind::Dedup, b"d"),
+        Op::PutTimerDue {
+            due_ms: 9,
+            name: b"t".to_vec(),
+        },
+    ];
+    store
+        .commit(EntityBatch {
+            shard: 1,
+            entity: a.clone(),
+            ops,
+        })
+        .await
+        .unwrap();
+    // Records alone do not make an entity exist.
+    assert!(store
+        .list("counter", "", None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let names: Vec<Vec<u8>> = store
+        .load(1, &a)
+        .await
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, vec![b"d".to_vec(), b"t".to_vec(), b"i".to_vec()]);
+    assert_eq!(
+        store.due_timers(1, None, 8, 10).await.unwrap(),
+        DueTimers {
+            due: vec![],
+            next_due_ms: Some(9)
+        }
+    );
+    store
+        .commit(EntityBatch {
+            shard: 1,
+            entity: a.clone(),
+            ops: vec![Op::Delete],
+        })
+        .await
+        .unwrap();
+    assert!(store.load(1, &a).await.unwrap().records.is_empty());
+    for kind in RecordKind::ALL {
+        assert!(store
+            .scan_records(1, kind, None, 10)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+    assert_eq!(store.due_timers(1, None, 9, 10).await.unwrap().due.len(), 1);
+}

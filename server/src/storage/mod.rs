@@ -23,7 +23,8 @@
 //! - `writer`: the group-commit thread that appends, syncs and applies.
 //! - `apply`: what each [`Op`] writes to sled (shared by live commits and replay).
 //! - [`keys`], `record`: the sled key layout and the checksummed value encoding.
-//! - `state`: the sled database, its trees and metadata, `load` and `list`.
+//! - `state`: the sled database, its trees and metadata, and the reads (`load`, `list`,
+//!   records, the timer index).
 //! - `checkpoint`, [`recovery`]: making sled durable and trimming the journal; replay at open.
 //! - `shared`, `fsync`, `codec`: what the threads share, `fsync` helpers, byte readers.
 
@@ -329,7 +330,9 @@ pub trait Store: Send + Sync + 'static {
         self.submit(batch).await?.await
     }
 
-    /// Reads an entity's last snapshot and the events after it, verifying every checksum.
+    /// Reads an entity's last snapshot, the events after it and its records of the
+    /// [`RecordKind::LOADED`] kinds, verifying every checksum, all as of one point between
+    /// batches.
     async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError>;
 
     /// Keys of existing entities of `entity_type` that start with `key_prefix`, in byte order,
@@ -342,7 +345,8 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<String>, StoreError>;
 
-    /// The entity's record `name` of `kind`, if there is one (checksum verified).
+    /// The entity's record `name` of `kind`, if there is one (checksum verified). Like
+    /// [`Store::load`], refuses an entity marked corrupt.
     async fn record(
         &self,
         shard: u32,
@@ -361,6 +365,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records of `kind` of every entity of the shard, in key order (entity type, key, then
     /// name), strictly after `(entity, name)` when `after` is given, at most `limit`.
+    /// Type and key compare as stored: length first, then bytes (see [`keys`]); names compare
+    /// by bytes. Checksums are verified; an entity's corruption marker is not consulted.
     async fn scan_records(
         &self,
         shard: u32,
@@ -370,7 +376,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<(EntityId, StoredEntry)>, StoreError>;
 
     /// Entries of the shard's timer index due at or before `up_to_ms`, in index order,
-    /// strictly after `after` when given, at most `limit`.
+    /// strictly after `after` when given, at most `limit`. Past a full page one more entry is
+    /// looked at: if it is not due, its time is `next_due_ms` (so `limit` 0 asks only for the
+    /// next due time); if it is due, the page was cut and `next_due_ms` is `None`.
     async fn due_timers(
         &self,
         shard: u32,

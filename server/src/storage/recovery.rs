@@ -13,7 +13,12 @@
 //! - A verified head whose body fails its CRC: if it is the last frame of the last segment and
 //!   nothing verifies after it, a torn tail (an append cut short inside the body, or followed
 //!   by zeros a crash left); otherwise the entity gets an `x` marker and its later frames in
-//!   this replay are skipped (applying them to state missing a batch would be wrong).
+//!   this replay are skipped (applying them to state missing a batch would be wrong). A body
+//!   that verifies but does not decode (an unknown operation tag or record kind) is treated
+//!   the same way.
+//!
+//! Every operation, records and timer index entries included, replays through
+//! [`super::apply::plan`], the same code the live path uses.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::OpenOptions;

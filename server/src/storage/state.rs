@@ -179,7 +179,8 @@ impl State {
         })
     }
 
-    /// Reads an entity's snapshot and the events after it, verifying every record. Blocking.
+    /// Reads an entity's snapshot, the events after it and its records of the
+    /// [`RecordKind::LOADED`] kinds, verifying every record. Blocking.
     pub(crate) fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
         let shard = self.shard(shard)?;
         let tree = &shard.tree;
