@@ -8,6 +8,7 @@
 //!
 //! Messages:
 //! - `{"op":"push","item":V}` → `{"id":N,"length":L}` (`length`: items waiting, after the push);
+//!   refused when the queue holds [`ITEMS_MAX`] items, waiting and in flight;
 //! - `{"op":"pop"}` → `{"item":V,"id":N}`, or `{"item":null}` when empty;
 //! - `{"op":"pop","visibility_ms":T}` (T > 0) → `{"item":V,"id":N,"deadline_ms":D}`: the item
 //!   moves to in-flight instead of being removed, and a durable timer `visibility:<id>`
@@ -570,6 +571,27 @@ mod tests {
             );
         }
         assert!(q.journal.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_refuses_pushes() {
+        let mut q = Sim::new(&Queue, T0);
+        q.state.items = (1..=ITEMS_MAX as u64)
+            .map(|id| Item {
+                id,
+                item: Value::Null,
+            })
+            .collect();
+        q.state.last_id = ITEMS_MAX as u64;
+        let err = q.send(json!({"op": "push", "item": 1})).unwrap_err();
+        assert!(err.to_string().contains("queue is full"), "{err}");
+        q.send(json!({"op": "pop", "visibility_ms": 10})).unwrap();
+        assert!(q.send(json!({"op": "push", "item": 1})).is_err());
+        q.send(json!({"op": "ack", "id": 1})).unwrap();
+        assert_eq!(
+            q.send(json!({"op": "push", "item": 1})).unwrap()["id"],
+            json!(ITEMS_MAX + 1)
+        );
     }
 
     #[test]
