@@ -2,7 +2,7 @@
 //!
 //! **Owns**: the erased [`Behaviour`] trait the engine runs, the typed [`TypedBehaviour`] trait
 //! Rust authors implement (adapted by [`Typed`]), the [`BehaviourRegistry`] of types, and the
-//! built-in types (`counter`, `register`, `kv`).
+//! built-in types (`counter`, `register`, `kv`, `queue`, `lease`, `rate_limiter`).
 //! **Knows nothing about** storage, mailboxes or protobuf: a behaviour maps
 //! `(state, message)` to a [`Turn`] and folds events into state, nothing else.
 //!

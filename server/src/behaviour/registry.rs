@@ -224,7 +224,17 @@ mod tests {
     #[test]
     fn builtins_are_registered_once_each() {
         let registry = BehaviourRegistry::with_builtins();
-        assert_eq!(registry.type_names(), ["counter", "kv", "register"]);
+        assert_eq!(
+            registry.type_names(),
+            [
+                "counter",
+                "kv",
+                "lease",
+                "queue",
+                "rate_limiter",
+                "register"
+            ]
+        );
     }
 
     #[test]

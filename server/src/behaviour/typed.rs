@@ -168,7 +168,7 @@ impl<B: TypedBehaviour> Behaviour for Typed<B> {
 }
 
 /// The JSON kind of a value, for error messages.
-fn json_kind(value: &Value) -> &'static str {
+pub(crate) fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

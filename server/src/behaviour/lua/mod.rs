@@ -38,9 +38,30 @@
 //!
 //! `ctx` is read-only and holds `ctx.key`, `ctx.now` (milliseconds since the Unix epoch, read
 //! once per turn; the same for every read within a turn; handlers are never replayed, only
-//! events are, so `apply` must not read clocks), `ctx.emit(event)`,
-//! `ctx.monitor(type, key)` and `ctx.demonitor(type, key)` ([`Effect`](crate::behaviour::Effect)s run once the turn is
-//! durable).
+//! events are, so `apply` must not read clocks: put the time in the event) and functions that
+//! record what the turn does. [`Effect`](crate::behaviour::Effect)s run once the turn is
+//! durable, and timers, sends and requests are written atomically with its events:
+//!
+//! - `ctx.emit(event)`: an event (scripts with `apply` only);
+//! - `ctx.monitor(type, key)`, `ctx.demonitor(type, key)`: watch another entity (a `DOWN`
+//!   info message when it ends);
+//! - `ctx.set_timer(name, after_ms, payload?)`, `ctx.set_timer_at(name, at_unix_ms, payload?)`:
+//!   a durable timer, replacing a pending one of that name; when due, `handle_info` receives
+//!   `{info = "timer", name = N, payload = P, due_ms = D}` (see
+//!   [`timer_message`](crate::behaviour::timer_message)). Names are 1 to
+//!   [`TIMER_NAME_BYTES_MAX`](crate::behaviour::TIMER_NAME_BYTES_MAX) bytes;
+//!   times are whole, non-negative milliseconds;
+//! - `ctx.cancel_timer(name)`: cancels a pending timer (nothing if there is none);
+//! - `ctx.send(type, key, message)`: a cast to another entity, delivered exactly once;
+//! - `ctx.request(type, key, message, tag)`: a call to another entity whose reply comes back
+//!   to `handle_info` as `{info = "reply", tag = T, from = {type, key}, reply = R}` (or
+//!   `error = {code, message}`; see [`reply_message`](crate::behaviour::reply_message)). `tag`
+//!   is any JSON value that tells the replies apart.
+//!
+//! A bad argument to a `ctx` function (an empty or too long name, a negative time, an invalid
+//! address, a value that is not JSON) raises a Lua error naming the function and the problem,
+//! e.g. `ctx.set_timer: timer name is empty`: a crash of the turn unless the script catches it.
+//! At most [`EFFECTS_PER_TURN_MAX`] effects per turn.
 //!
 //! A handler refuses a bad message with `error({invalid = "reason"})`: the caller gets
 //! [`BehaviourError::InvalidMessage`] and nothing changes. Any other error is a crash of the

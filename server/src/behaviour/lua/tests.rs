@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::*;
 use crate::address::EntityId;
-use crate::behaviour::Effect;
+use crate::behaviour::{Effect, TimerDue};
 
 const CART_V1: &str = include_str!("examples/cart_v1.lua");
 const CART_V2: &str = include_str!("examples/cart_v2.lua");
@@ -444,6 +444,205 @@ fn ctx_gives_key_now_and_effects() {
         message.contains("ctx.monitor: entity key is empty"),
         "{message}"
     );
+}
+
+#[test]
+fn ctx_timer_send_and_request_functions_record_effects() {
+    let source = r#"
+        function init(key) return {} end
+        function handle_call(msg, state, ctx)
+            ctx.set_timer("tick", 1500, {n = 1})
+            ctx.set_timer_at("deadline", ctx.now + 60000)
+            ctx.cancel_timer("old")
+            ctx.send("counter", "c1", {op = "incr", by = 2})
+            ctx.request("kv", "profile", {op = "get", field = "name"}, {step = "lookup", n = 7})
+            ctx.request("kv", "profile", {op = "fields"}, "plain tag")
+            return "ok"
+        end
+    "#;
+    let behaviour = compile(source);
+    let state = behaviour.initial_state("k");
+    let turn = behaviour
+        .handle_at(LuaMessageKind::Call, "k", &state, json!({}), 1_000)
+        .unwrap();
+    assert_eq!(turn.reply, json!("ok"));
+    assert!(turn.events.is_empty());
+    assert_eq!(
+        turn.effects,
+        vec![
+            Effect::SetTimer {
+                name: "tick".into(),
+                due: TimerDue::AfterMs(1500),
+                payload: json!({"n": 1}),
+            },
+            Effect::SetTimer {
+                name: "deadline".into(),
+                due: TimerDue::AtUnixMs(61_000),
+                payload: Value::Null,
+            },
+            Effect::CancelTimer { name: "old".into() },
+            Effect::Send {
+                to: EntityId::new("counter", "c1").unwrap(),
+                message: json!({"op": "incr", "by": 2}),
+            },
+            Effect::Request {
+                to: EntityId::new("kv", "profile").unwrap(),
+                message: json!({"op": "get", "field": "name"}),
+                tag: json!({"step": "lookup", "n": 7}),
+            },
+            Effect::Request {
+                to: EntityId::new("kv", "profile").unwrap(),
+                message: json!({"op": "fields"}),
+                tag: json!("plain tag"),
+            },
+        ]
+    );
+}
+
+/// A reminder: `remind` sets a timer and records it; the timer's info message fires it.
+const REMINDER: &str = r#"
+    function init(key) return {pending = {}, fired = array()} end
+    function apply(state, event)
+        if event.type == "scheduled" then
+            state.pending[event.name] = event.text
+        elseif event.type == "fired" then
+            state.pending[event.name] = nil
+            table.insert(state.fired, {name = event.name, text = event.text, due = event.due})
+        end
+    end
+    function handle_call(msg, state, ctx)
+        if msg.op ~= "remind" then error({invalid = "unknown op"}) end
+        local name = "remind:" .. msg.id
+        ctx.set_timer(name, msg.after_ms, {text = msg.text})
+        ctx.emit({type = "scheduled", name = name, text = msg.text})
+        return {name = name}
+    end
+    function handle_info(info, state, ctx)
+        if info.info == "timer" and state.pending[info.name] ~= nil then
+            ctx.emit({type = "fired", name = info.name, text = info.payload.text,
+                      due = info.due_ms})
+            ctx.send("log", "reminders", {op = "append", text = info.payload.text})
+        end
+    end
+"#;
+
+#[test]
+fn a_timer_set_by_a_handler_fires_through_handle_info() {
+    let behaviour = compile(REMINDER);
+    let mut entity = Entity::new(&behaviour, "r");
+    let now = 1_700_000_000_000;
+    let turn = behaviour
+        .handle_at(
+            LuaMessageKind::Call,
+            "r",
+            &entity.state,
+            json!({"op": "remind", "id": 1, "after_ms": 250, "text": "tea"}),
+            now,
+        )
+        .unwrap();
+    let turn = entity.commit(turn).unwrap();
+    assert_eq!(turn.reply, json!({"name": "remind:1"}));
+    let [Effect::SetTimer { name, due, payload }] = &turn.effects[..] else {
+        panic!("expected one timer, got {:?}", turn.effects);
+    };
+    assert_eq!(*due, TimerDue::AfterMs(250));
+    assert_eq!(entity.value()["pending"], json!({"remind:1": "tea"}));
+
+    // The engine delivers the due timer as an info message.
+    let info = crate::behaviour::timer_message(name, payload.clone(), due.at(now));
+    let turn = behaviour
+        .handle_info("r", &entity.state, info.clone())
+        .unwrap();
+    let turn = entity.commit(turn).unwrap();
+    assert_eq!(
+        turn.effects,
+        vec![Effect::Send {
+            to: EntityId::new("log", "reminders").unwrap(),
+            message: json!({"op": "append", "text": "tea"}),
+        }]
+    );
+    assert_eq!(
+        entity.value(),
+        json!({"pending": {}, "fired": [{"name": "remind:1", "text": "tea", "due": now + 250}]})
+    );
+    assert_eq!(entity.replayed(), entity.value());
+    // A second delivery of the same timer finds nothing pending: no event, no effect.
+    let turn = behaviour.handle_info("r", &entity.state, info).unwrap();
+    assert!(turn.events.is_empty() && turn.effects.is_empty());
+}
+
+#[test]
+fn ctx_effect_functions_name_themselves_and_the_problem() {
+    for (call, expected) in [
+        (
+            r#"ctx.set_timer("", 10)"#,
+            "ctx.set_timer: timer name is empty",
+        ),
+        (
+            r#"ctx.set_timer(string.rep("x", 257), 10)"#,
+            "ctx.set_timer: timer name is 257 bytes long; the limit is 256",
+        ),
+        (
+            r#"ctx.set_timer(5, 10)"#,
+            "ctx.set_timer: timer name must be a string, got number",
+        ),
+        (
+            r#"ctx.set_timer("t", -1)"#,
+            "ctx.set_timer: after_ms is negative",
+        ),
+        (
+            r#"ctx.set_timer("t", 1.5)"#,
+            "ctx.set_timer: after_ms must be a whole number",
+        ),
+        (
+            r#"ctx.set_timer("t", 0/0)"#,
+            "ctx.set_timer: after_ms must be a whole number",
+        ),
+        (
+            r#"ctx.set_timer("t", "10")"#,
+            "ctx.set_timer: after_ms must be a number, got string",
+        ),
+        (
+            r#"ctx.set_timer("t")"#,
+            "ctx.set_timer: after_ms must be a number, got nil",
+        ),
+        (
+            r#"ctx.set_timer("t", 10, {f = print})"#,
+            "ctx.set_timer: payload.f:",
+        ),
+        (
+            r#"ctx.set_timer_at("t", -5)"#,
+            "ctx.set_timer_at: at_unix_ms is negative",
+        ),
+        (
+            r#"ctx.cancel_timer()"#,
+            "ctx.cancel_timer: timer name must be a string, got nil",
+        ),
+        (
+            r#"ctx.cancel_timer("")"#,
+            "ctx.cancel_timer: timer name is empty",
+        ),
+        (r#"ctx.send("", "k", {})"#, "ctx.send: entity type is empty"),
+        (r#"ctx.send("t", "k", {f = print})"#, "ctx.send: message.f:"),
+        (
+            r#"ctx.request("t", "", {}, 1)"#,
+            "ctx.request: entity key is empty",
+        ),
+        (r#"ctx.request("t", "k", {}, print)"#, "ctx.request: tag:"),
+        (
+            r#"for i = 1, 1025 do ctx.set_timer("t" .. i, 1) end"#,
+            "ctx.set_timer: a turn may ask for at most 1024 effects",
+        ),
+    ] {
+        let source = format!(
+            "function init() return {{}} end\n\
+             function handle_call(msg, state, ctx) {call} return 1 end"
+        );
+        let behaviour = compile(&source);
+        let state = behaviour.initial_state("k");
+        let message = failed(behaviour.handle("k", &state, json!({})));
+        assert!(message.contains(expected), "{call}: {message}");
+    }
 }
 
 #[test]

@@ -25,11 +25,11 @@ use super::convert::{self, ToLua, ToLuaError};
 use super::error::LuaError;
 use super::limits::{LuaLimits, Meter, Tripped};
 use crate::address::EntityId;
-use crate::behaviour::{Effect, Value};
+use crate::behaviour::{Effect, TimerDue, Value, TIMER_NAME_BYTES_MAX};
 
 /// The most events one turn may emit.
 pub const EVENTS_PER_TURN_MAX: usize = 1024;
-/// The most effects (monitor, demonitor) one turn may ask for.
+/// The most effects (monitors, timers, sends, requests) one turn may ask for.
 pub const EFFECTS_PER_TURN_MAX: usize = 1024;
 /// The longest line `print` logs; longer ones are cut.
 const PRINT_BYTES_MAX: usize = 4096;
@@ -108,7 +108,7 @@ pub(super) struct Functions {
     pub(super) migrate: Option<Function>,
 }
 
-/// What `ctx.emit`, `ctx.monitor` and `ctx.demonitor` recorded during one handler call.
+/// What `ctx.emit` and the effect functions of `ctx` recorded during one handler call.
 #[derive(Debug, Default)]
 pub(super) struct TurnLog {
     /// Whether a handler is running; `ctx` functions refuse outside one.
@@ -151,7 +151,7 @@ pub(super) struct Vm {
     pub(super) functions: Functions,
     runner: Function,
     array_metatable: Table,
-    ctx_functions: [Function; 3],
+    ctx_functions: CtxFunctions,
     meter: Arc<Meter>,
     turn_log: Arc<Mutex<TurnLog>>,
     /// Set when a call broke a limit: the VM may hold garbage near the memory limit or be
@@ -352,14 +352,15 @@ impl Vm {
     /// The `ctx` table a handler receives.
     pub(super) fn ctx(&mut self, key: &str, now_ms: u64) -> Result<LuaValue, CallError> {
         let build = || -> mlua::Result<Table> {
-            let ctx = self.lua.create_table_with_capacity(0, 5)?;
+            let ctx = self
+                .lua
+                .create_table_with_capacity(0, 2 + CTX_FUNCTIONS.len())?;
             ctx.raw_set("key", key)?;
             // Milliseconds fit a double exactly until the year 287,396.
             ctx.raw_set("now", now_ms as f64)?;
-            let [emit, monitor, demonitor] = &self.ctx_functions;
-            ctx.raw_set("emit", emit.clone())?;
-            ctx.raw_set("monitor", monitor.clone())?;
-            ctx.raw_set("demonitor", demonitor.clone())?;
+            for (name, function) in CTX_FUNCTIONS.iter().zip(&self.ctx_functions) {
+                ctx.raw_set(*name, function.clone())?;
+            }
             ctx.set_readonly(true);
             Ok(ctx)
         };
@@ -525,12 +526,28 @@ fn truncate(text: &str, bytes_max: usize) -> &str {
     &text[..end]
 }
 
-/// Builds `ctx.emit`, `ctx.monitor` and `ctx.demonitor`, which write to the turn log.
+/// The names of the `ctx` functions, in the order of [`CtxFunctions`].
+const CTX_FUNCTIONS: [&str; 8] = [
+    "emit",
+    "monitor",
+    "demonitor",
+    "set_timer",
+    "set_timer_at",
+    "cancel_timer",
+    "send",
+    "request",
+];
+
+/// The `ctx` functions, built once per VM, named by [`CTX_FUNCTIONS`].
+type CtxFunctions = [Function; 8];
+
+/// Builds the `ctx` functions, which write to the turn log: `emit` records events, the others
+/// [`Effect`]s.
 fn ctx_functions(
     lua: &Lua,
     turn_log: &Arc<Mutex<TurnLog>>,
     array_metatable: &Table,
-) -> mlua::Result<[Function; 3]> {
+) -> mlua::Result<CtxFunctions> {
     // The pointer, not the table: a table captured in a VM's own callback would keep the VM
     // alive. The metatable lives as long as the VM (the prelude holds it), so it is stable.
     let array_metatable = array_metatable.to_pointer() as usize;
@@ -558,22 +575,90 @@ fn ctx_functions(
         log.events.push(json);
         Ok(())
     })?;
-    let monitor = effect_function(lua, turn_log, "monitor", Effect::Monitor)?;
-    let demonitor = effect_function(lua, turn_log, "demonitor", Effect::Demonitor)?;
-    Ok([emit, monitor, demonitor])
+    let json = move |name: &str, what: &str, value: &LuaValue| {
+        convert::to_json(value, array_metatable as *const std::ffi::c_void)
+            .map_err(|e| arg_error(name, &e.describe(what)))
+    };
+    let monitor = effect_function(lua, turn_log, "monitor", |name, (entity_type, key)| {
+        Ok(Effect::Monitor(address(name, entity_type, key)?))
+    })?;
+    let demonitor = effect_function(lua, turn_log, "demonitor", |name, (entity_type, key)| {
+        Ok(Effect::Demonitor(address(name, entity_type, key)?))
+    })?;
+    let set_timer = effect_function(
+        lua,
+        turn_log,
+        "set_timer",
+        move |name, (timer, after_ms, payload): (LuaValue, LuaValue, LuaValue)| {
+            Ok(Effect::SetTimer {
+                name: timer_name(name, timer)?,
+                due: TimerDue::AfterMs(millis(name, "after_ms", after_ms)?),
+                payload: json(name, "payload", &payload)?,
+            })
+        },
+    )?;
+    let set_timer_at = effect_function(
+        lua,
+        turn_log,
+        "set_timer_at",
+        move |name, (timer, at_ms, payload): (LuaValue, LuaValue, LuaValue)| {
+            Ok(Effect::SetTimer {
+                name: timer_name(name, timer)?,
+                due: TimerDue::AtUnixMs(millis(name, "at_unix_ms", at_ms)?),
+                payload: json(name, "payload", &payload)?,
+            })
+        },
+    )?;
+    let cancel_timer = effect_function(lua, turn_log, "cancel_timer", |name, timer| {
+        Ok(Effect::CancelTimer {
+            name: timer_name(name, timer)?,
+        })
+    })?;
+    let send = effect_function(
+        lua,
+        turn_log,
+        "send",
+        move |name, (entity_type, key, message): (LuaValue, LuaValue, LuaValue)| {
+            Ok(Effect::Send {
+                to: address(name, entity_type, key)?,
+                message: json(name, "message", &message)?,
+            })
+        },
+    )?;
+    let request = effect_function(
+        lua,
+        turn_log,
+        "request",
+        move |name, (entity_type, key, message, tag): (LuaValue, LuaValue, LuaValue, LuaValue)| {
+            Ok(Effect::Request {
+                to: address(name, entity_type, key)?,
+                message: json(name, "message", &message)?,
+                tag: json(name, "tag", &tag)?,
+            })
+        },
+    )?;
+    Ok([
+        emit,
+        monitor,
+        demonitor,
+        set_timer,
+        set_timer_at,
+        cancel_timer,
+        send,
+        request,
+    ])
 }
 
-/// `ctx.monitor(type, key)` or `ctx.demonitor(type, key)`.
-fn effect_function(
+/// A `ctx.<name>` function that checks its arguments with `make` and records the effect.
+fn effect_function<A: mlua::FromLuaMulti + 'static>(
     lua: &Lua,
     turn_log: &Arc<Mutex<TurnLog>>,
     name: &'static str,
-    effect: fn(EntityId) -> Effect,
+    make: impl Fn(&str, A) -> mlua::Result<Effect> + Send + 'static,
 ) -> mlua::Result<Function> {
     let log = Arc::clone(turn_log);
-    lua.create_function(move |_, (entity_type, key): (String, String)| {
-        let target = EntityId::new(entity_type, key)
-            .map_err(|e| mlua::Error::runtime(format!("ctx.{name}: {e}")))?;
+    lua.create_function(move |_, args: A| {
+        let effect = make(name, args)?;
         let mut log = log.lock();
         if !log.open {
             return Err(mlua::Error::runtime(format!(
@@ -585,9 +670,78 @@ fn effect_function(
                 "ctx.{name}: a turn may ask for at most {EFFECTS_PER_TURN_MAX} effects"
             )));
         }
-        log.effects.push(effect(target));
+        log.effects.push(effect);
         Ok(())
     })
+}
+
+/// The error a `ctx` function raises for a bad argument: `ctx.<name>: <problem>`.
+fn arg_error(name: &str, problem: &str) -> mlua::Error {
+    mlua::Error::runtime(format!("ctx.{name}: {problem}"))
+}
+
+/// A string argument; `what` names it.
+fn string_arg(name: &str, what: &str, value: LuaValue) -> mlua::Result<String> {
+    match value {
+        LuaValue::String(s) => s
+            .to_str()
+            .map(|s| s.to_owned())
+            .map_err(|_| arg_error(name, &format!("{what} is not valid UTF-8"))),
+        other => Err(arg_error(
+            name,
+            &format!("{what} must be a string, got {}", lua_type_name(&other)),
+        )),
+    }
+}
+
+/// An entity address from `(type, key)` arguments, checked like any address.
+fn address(name: &str, entity_type: LuaValue, key: LuaValue) -> mlua::Result<EntityId> {
+    let entity_type = string_arg(name, "entity type", entity_type)?;
+    let key = string_arg(name, "entity key", key)?;
+    EntityId::new(entity_type, key).map_err(|e| arg_error(name, &e.to_string()))
+}
+
+/// A timer name: 1 to [`TIMER_NAME_BYTES_MAX`] bytes.
+fn timer_name(name: &str, value: LuaValue) -> mlua::Result<String> {
+    let timer = string_arg(name, "timer name", value)?;
+    if timer.is_empty() {
+        return Err(arg_error(name, "timer name is empty"));
+    }
+    if timer.len() > TIMER_NAME_BYTES_MAX {
+        return Err(arg_error(
+            name,
+            &format!(
+                "timer name is {} bytes long; the limit is {TIMER_NAME_BYTES_MAX}",
+                timer.len()
+            ),
+        ));
+    }
+    Ok(timer)
+}
+
+/// A time in milliseconds: a whole, non-negative number (at most 2^53, where doubles stop
+/// being exact).
+fn millis(name: &str, what: &str, value: LuaValue) -> mlua::Result<u64> {
+    let ms = match value {
+        LuaValue::Integer(i) => i as f64,
+        LuaValue::Number(n) => n,
+        other => {
+            return Err(arg_error(
+                name,
+                &format!("{what} must be a number, got {}", lua_type_name(&other)),
+            ))
+        }
+    };
+    if ms < 0.0 {
+        return Err(arg_error(name, &format!("{what} is negative ({ms})")));
+    }
+    if !ms.is_finite() || ms.fract() != 0.0 || ms > convert::EXACT_INTEGER_MAX as f64 {
+        return Err(arg_error(
+            name,
+            &format!("{what} must be a whole number of milliseconds, got {ms}"),
+        ));
+    }
+    Ok(ms as u64)
 }
 
 fn required(globals: &Table, name: &'static str) -> Result<Function, LuaError> {
