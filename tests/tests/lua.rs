@@ -260,3 +260,58 @@ fn write_temp(source: &str) -> String {
     let (_, path) = file.keep().unwrap();
     path.to_string_lossy().into_owned()
 }
+
+const REMINDER: &str = include_str!("../scripts/reminder.lua");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lua_entities_set_timers_send_and_ask() {
+    let server = TestServer::start();
+    let client = server.client().await;
+    client.deploy_behaviour("reminder", REMINDER).await.unwrap();
+    call(
+        &client,
+        "reminder",
+        "r",
+        json!({"op": "remind", "after_ms": 50, "note": "stand up"}),
+    )
+    .await;
+    for _ in 0..2 {
+        call(&client, "reminder", "r", json!({"op": "notify", "to": "x"})).await;
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let value = client
+            .get("counter", "x")
+            .await
+            .map(|s| s.state["value"].clone())
+            .ok();
+        let state = call(&client, "reminder", "r", json!({"op": "get"})).await;
+        if value == Some(json!(2)) && state["fired"] == json!(["stand up"]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "counter {value:?}, reminder {state}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    call(
+        &client,
+        "reminder",
+        "r",
+        json!({"op": "ask", "to": "x", "tag": "q"}),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    loop {
+        let state = call(&client, "reminder", "r", json!({"op": "get"})).await;
+        if state["replies"] == json!([{"tag": "q", "reply": {"value": 2}}]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "reminder {state}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
