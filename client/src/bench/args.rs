@@ -143,7 +143,13 @@ pub enum Workload {
     /// Increments over `keys` counters written in Lua (type `bench_lua`, deployed by the
     /// bench if the server does not have it).
     Lua,
+    /// `acquire` of `keys` leases with a one-hour TTL: each lease held keeps one pending
+    /// durable timer (its expiry), so this fills the timer index (renewals replace timers).
+    Lease,
 }
+
+/// The entity type of the `lease` workload (the built-in).
+pub const LEASE_TYPE: &str = "lease";
 
 /// The entity type of the `lua` workload.
 pub const LUA_TYPE: &str = "bench_lua";
@@ -157,6 +163,7 @@ impl Workload {
             Workload::Kv => "kv",
             Workload::Get => "get",
             Workload::Lua => "lua",
+            Workload::Lease => "lease",
         }
     }
 
@@ -166,6 +173,7 @@ impl Workload {
             Workload::Incr | Workload::Hot | Workload::Get => COUNTER_TYPE,
             Workload::Kv => KV_TYPE,
             Workload::Lua => LUA_TYPE,
+            Workload::Lease => LEASE_TYPE,
         }
     }
 }

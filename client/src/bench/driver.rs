@@ -23,6 +23,9 @@ use serde_json::json;
 use statehouse_proto::v1::entity_service_client::EntityServiceClient;
 use statehouse_proto::v1::{CallRequest, GetRequest, PipelineRequest};
 use statehouse_proto::value::json_to_proto;
+
+/// The TTL of the `lease` workload's leases: long enough that they stay pending for the run.
+const LEASE_TTL_MS: u64 = 3_600_000;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -75,6 +78,7 @@ pub struct Plan {
     read_ratio: f64,
     timeout: Duration,
     incr: prost_types::Value,
+    acquire: prost_types::Value,
     kv_gets: Vec<prost_types::Value>,
 }
 
@@ -102,6 +106,9 @@ impl Plan {
             read_ratio: config.read_ratio.unwrap_or(0.0),
             timeout: config.request_timeout,
             incr: json_to_proto(json!({"op": "incr"})),
+            acquire: json_to_proto(
+                json!({"op": "acquire", "holder": "bench", "ttl_ms": LEASE_TTL_MS}),
+            ),
             kv_gets: (0..KV_FIELDS)
                 .map(|field| json_to_proto(json!({"op": "get", "field": format!("f{field}")})))
                 .collect(),
@@ -123,6 +130,7 @@ impl Plan {
                 })
             }
             Workload::Incr | Workload::Hot | Workload::Lua => self.incr.clone(),
+            Workload::Lease => self.acquire.clone(),
             Workload::Kv => {
                 let field = rng.gen_range(0..KV_FIELDS);
                 // gen::<f64>() is in [0, 1): a ratio of 1 always reads, 0 never does.
