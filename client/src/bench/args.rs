@@ -124,6 +124,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub pipeline: bool,
 
+    /// Give every call a fresh request id (idempotency key), as the client library does by
+    /// default: measures the cost of storing replies for retries.
+    #[arg(long)]
+    pub request_ids: bool,
+
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -240,6 +245,8 @@ pub struct BenchConfig {
     pub json: bool,
     /// Calls travel on `Pipeline` streams.
     pub pipeline: bool,
+    /// Every call carries a fresh request id.
+    pub request_ids: bool,
 }
 
 impl BenchArgs {
@@ -376,6 +383,7 @@ impl BenchArgs {
             request_timeout,
             json: self.json,
             pipeline: self.pipeline,
+            request_ids: self.request_ids,
         })
     }
 }
@@ -448,6 +456,7 @@ impl BenchConfig {
             "concurrency": self.concurrency,
             "connections": self.connections,
             "pipeline": self.pipeline,
+            "request_ids": self.request_ids,
             "duration_s": duration_s,
             "requests": requests,
             "warmup_s": self.warmup.as_secs_f64(),

@@ -80,6 +80,7 @@ pub struct Plan {
     incr: prost_types::Value,
     acquire: prost_types::Value,
     kv_gets: Vec<prost_types::Value>,
+    request_ids: bool,
 }
 
 /// One request, ready to send.
@@ -96,6 +97,7 @@ impl Plan {
     pub fn new(config: &BenchConfig) -> Plan {
         Plan {
             workload: config.workload,
+            request_ids: config.request_ids,
             entity_type: config.workload.entity_type(),
             key_prefix: config.key_prefix.clone(),
             chooser: KeyChooser::new(
@@ -148,8 +150,12 @@ impl Plan {
             r#type: self.entity_type.to_owned(),
             key,
             message: Some(message),
-            // The benchmark measures the server's raw path: no idempotency keys.
-            request_id: String::new(),
+            // By default the server's raw path; `--request-ids` adds a fresh idempotency key.
+            request_id: if self.request_ids {
+                format!("{:032x}", rng.gen::<u128>())
+            } else {
+                String::new()
+            },
         })
     }
 }
@@ -438,6 +444,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             json: false,
             pipeline: false,
+            request_ids: false,
         }
     }
 

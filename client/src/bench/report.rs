@@ -317,6 +317,7 @@ mod tests {
             request_timeout: Duration::from_secs(30),
             json: true,
             pipeline: false,
+            request_ids: false,
         }
     }
 
