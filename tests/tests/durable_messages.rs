@@ -180,10 +180,15 @@ async fn a_poison_timer_becomes_a_dead_letter_that_can_be_redriven_and_discarded
     let listed = server.cli(&["dead-letters", "--type", "alarm", "--json"]);
     assert_eq!(listed.code(), Some(0), "{}", listed.stderr());
     assert!(listed.stdout().contains(&again.id), "{}", listed.stdout());
-    assert!(client
-        .discard_dead_letter("alarm", "p", &again.id)
-        .await
-        .unwrap());
+    let discarded = server.cli(&["discard", "alarm", "p", &again.id]);
+    assert_eq!(discarded.code(), Some(0), "{}", discarded.stderr());
+    assert_eq!(discarded.json(), json!({"existed": true}));
+    let missing = server.cli(&["redrive", "alarm", "p", &again.id]);
+    assert_ne!(
+        missing.code(),
+        Some(0),
+        "redriving a discarded dead letter must fail"
+    );
     assert!(!client
         .discard_dead_letter("alarm", "p", &again.id)
         .await
