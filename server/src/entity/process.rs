@@ -756,47 +756,38 @@ impl Process {
 
     /// The last message sequence number accepted from `from` (0: none yet).
     async fn receipt(&mut self, from: &EntityId) -> Result<u64, EntityError> {
-        if let Some(seq) = self.durables.receipts.get(from) {
-            return Ok(*seq);
-        }
-        let stored = self
-            .store
-            .record(
-                self.shard,
-                &self.id,
-                RecordKind::Receipt,
-                &records::address_name(from),
-            )
-            .await
-            .map_err(|e| EntityError::from_store(&self.id, e))?;
-        let seq = match stored {
-            Some(bytes) => records::decode_seq(&self.id, "message receipt", &bytes)?,
-            None => 0,
-        };
-        self.durables.receipts.insert(from.clone(), seq);
-        Ok(seq)
+        self.pair_seq(RecordKind::Receipt, from).await
     }
 
     /// The last message sequence number sent to `to` (0: none yet).
     async fn send_seq(&mut self, to: &EntityId) -> Result<u64, EntityError> {
-        if let Some(seq) = self.durables.send_seqs.get(to) {
+        self.pair_seq(RecordKind::SendSeq, to).await
+    }
+
+    /// A per-peer sequence number (`Receipt` or `SendSeq`): cached for the activation, read
+    /// from storage on first use.
+    async fn pair_seq(&mut self, kind: RecordKind, peer: &EntityId) -> Result<u64, EntityError> {
+        let cache = match kind {
+            RecordKind::Receipt => &self.durables.receipts,
+            _ => &self.durables.send_seqs,
+        };
+        if let Some(seq) = cache.get(peer) {
             return Ok(*seq);
         }
         let stored = self
             .store
-            .record(
-                self.shard,
-                &self.id,
-                RecordKind::SendSeq,
-                &records::address_name(to),
-            )
+            .record(self.shard, &self.id, kind, &records::address_name(peer))
             .await
             .map_err(|e| EntityError::from_store(&self.id, e))?;
         let seq = match stored {
-            Some(bytes) => records::decode_seq(&self.id, "send counter", &bytes)?,
+            Some(bytes) => records::decode_seq(&self.id, &format!("{kind:?} of {peer}"), &bytes)?,
             None => 0,
         };
-        self.durables.send_seqs.insert(to.clone(), seq);
+        let cache = match kind {
+            RecordKind::Receipt => &mut self.durables.receipts,
+            _ => &mut self.durables.send_seqs,
+        };
+        cache.insert(peer.clone(), seq);
         Ok(seq)
     }
 

@@ -125,15 +125,27 @@ impl Shards {
         request_id: Option<String>,
     ) -> Result<CallReply, EntityError> {
         check_request_id(&id, request_id.as_deref())?;
+        self.ask(id, deadline, |reply| Request::Call {
+            message,
+            request_id,
+            reply,
+        })
+        .await
+    }
+
+    /// Routes the request `make` builds around a reply channel and waits for the answer, at
+    /// most until the deadline.
+    async fn ask<T>(
+        &self,
+        id: EntityId,
+        deadline: Option<Instant>,
+        make: impl FnOnce(oneshot::Sender<Result<T, EntityError>>) -> Request,
+    ) -> Result<T, EntityError> {
         let (reply, answer) = oneshot::channel();
         self.route(
             &id,
             Envelope {
-                request: Request::Call {
-                    message,
-                    request_id,
-                    reply,
-                },
+                request: make(reply),
                 deadline,
             },
         )?;
@@ -178,25 +190,12 @@ impl Shards {
         request_id: Option<String>,
     ) -> Result<bool, EntityError> {
         check_request_id(&id, request_id.as_deref())?;
-        let (reply, answer) = oneshot::channel();
-        self.route(
-            &id,
-            Envelope {
-                request: Request::DurableCast {
-                    message,
-                    request_id,
-                    reply,
-                },
-                deadline,
-            },
-        )?;
-        let answer = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, answer)
-                .await
-                .map_err(|_| EntityError::DeadlineExceeded(id.clone()))?,
-            None => answer.await,
-        };
-        answer.unwrap_or_else(|_| Err(stopped_before_reply(&id)))
+        self.ask(id, deadline, |reply| Request::DurableCast {
+            message,
+            request_id,
+            reply,
+        })
+        .await
     }
 
     /// Dead letters, of one entity (`entity` given), of one type (`entity_type`), or all,
@@ -266,20 +265,11 @@ impl Shards {
 
     /// Moves a dead letter back into its entity's durable inbox; false if there is none.
     pub async fn redrive(&self, id: EntityId, dead_letter: String) -> Result<bool, EntityError> {
-        let (reply, answer) = oneshot::channel();
-        self.route(
-            &id,
-            Envelope {
-                request: Request::Redrive {
-                    id: dead_letter,
-                    reply,
-                },
-                deadline: None,
-            },
-        )?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(stopped_before_reply(&id)))
+        self.ask(id, None, |reply| Request::Redrive {
+            id: dead_letter,
+            reply,
+        })
+        .await
     }
 
     /// Removes a dead letter for good; false if there was none.
