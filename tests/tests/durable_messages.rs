@@ -495,3 +495,60 @@ async fn a_durable_cast_is_processed_even_if_the_server_dies_right_after_accepti
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_timers_due_during_downtime_all_fire_once() {
+    let mut server = TestServer::start_embedded(&["--idle-timeout-ms", "200"]);
+    let client = server.client().await;
+    let entities = 3000usize;
+    let mut calls = tokio::task::JoinSet::new();
+    let per_task = entities / 30;
+    for task in 0..30 {
+        let client = client.clone();
+        calls.spawn(async move {
+            for n in task * per_task..(task + 1) * per_task {
+                client
+                    .call(
+                        "alarm",
+                        &format!("a{n}"),
+                        json!({"op": "set", "name": "t", "after_ms": 300, "payload": n}),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    server.kill();
+    std::thread::sleep(Duration::from_millis(400));
+    server.restart();
+    let client = server.client().await;
+    let started = Instant::now();
+    let mut waiting: Vec<usize> = (0..entities).collect();
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for n in waiting {
+            let state = client.get("alarm", &format!("a{n}")).await.ok();
+            match state.map(|s| s.state["fired"].clone()) {
+                Some(fired) if fired.as_array().is_some_and(|f| !f.is_empty()) => {
+                    assert_eq!(
+                        fired,
+                        json!([{"name": "t", "payload": n, "due_ms": fired[0]["due_ms"]}])
+                    );
+                }
+                _ => still.push(n),
+            }
+        }
+        waiting = still;
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{} timers still not fired",
+            waiting.len()
+        );
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

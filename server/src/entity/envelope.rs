@@ -1,6 +1,6 @@
 //! What a mailbox carries: a request and the caller's deadline.
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use crate::address::EntityId;
@@ -74,7 +74,13 @@ pub enum Request {
         reply: oneshot::Sender<Result<bool, EntityError>>,
     },
     /// The timer `name` due at `due_ms` is due (ignored if it is no longer pending so).
-    Timer { name: String, due_ms: u64 },
+    /// `permit` is released once the entity has handled it: the timer service bounds the
+    /// firings in flight with it.
+    Timer {
+        name: String,
+        due_ms: u64,
+        permit: Option<OwnedSemaphorePermit>,
+    },
     /// A message from another entity, delivered exactly once.
     Deliver {
         from: EntityId,

@@ -525,7 +525,15 @@ impl Process {
                 request_id,
                 reply,
             } => Box::pin(self.accept_durable_cast(message, request_id, reply)).await,
-            Request::Timer { name, due_ms } => Box::pin(self.fire_timer(name, due_ms)).await,
+            Request::Timer {
+                name,
+                due_ms,
+                permit,
+            } => {
+                let next = Box::pin(self.fire_timer(name, due_ms)).await;
+                drop(permit);
+                next
+            }
             Request::Deliver {
                 from,
                 message,

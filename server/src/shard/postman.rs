@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::address::EntityId;
@@ -33,6 +33,8 @@ const RETRY_DELAY_MAX: Duration = Duration::from_secs(5);
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbox records read per page at start-up.
 const SWEEP_PAGE: usize = 1024;
+/// Deliveries in flight at once, at most (one per pair in any case).
+pub const DELIVERIES_IN_FLIGHT_MAX: usize = 1024;
 
 /// What the postman's task is told.
 #[derive(Debug)]
@@ -70,6 +72,7 @@ impl Postman {
             context: context.clone(),
             mail,
             pairs: HashMap::new(),
+            deliveries: Arc::new(Semaphore::new(DELIVERIES_IN_FLIGHT_MAX)),
         };
         tokio::spawn(task.run(inbox, cancel));
         postman
@@ -100,6 +103,8 @@ struct PostmanTask {
     context: Arc<ShardContext>,
     mail: mpsc::UnboundedSender<Mail>,
     pairs: HashMap<Pair, PairQueue>,
+    /// Bounds the deliveries in flight.
+    deliveries: Arc<Semaphore>,
 }
 
 impl PostmanTask {
@@ -196,11 +201,16 @@ impl PostmanTask {
         let mail = self.mail.clone();
         let pair = pair.clone();
         let cancel = cancel.clone();
+        let deliveries = self.deliveries.clone();
         tokio::spawn(async move {
             let pair_seq = message.pair_seq;
             let outcome = tokio::select! {
                 () = cancel.cancelled() => return,
-                outcome = deliver(&context, &pair.0, message) => outcome,
+                outcome = async {
+                    // Held for the whole delivery; the semaphore is never closed.
+                    let _permit = deliveries.acquire_owned().await;
+                    deliver(&context, &pair.0, message).await
+                } => outcome,
             };
             let _ = mail.send(Mail::Done {
                 pair,

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::behaviour::now_unix_ms;
@@ -30,6 +30,9 @@ use super::directory::ShardContext;
 pub const REDELIVERY_AFTER: Duration = Duration::from_secs(1);
 /// Index entries read per page.
 const PAGE: usize = 512;
+/// Timers delivered and not yet handled, at most: after a long downtime, due timers are
+/// fired as fast as their entities handle them, not all at once.
+pub const FIRINGS_IN_FLIGHT_MAX: usize = 1024;
 /// How soon a delivery refused for a full mailbox is tried again (other refusals wait
 /// [`REDELIVERY_AFTER`]).
 const BUSY_RETRY: Duration = Duration::from_millis(20);
@@ -72,6 +75,7 @@ pub(super) async fn run(
     cancel: CancellationToken,
 ) {
     let mut delivered: HashMap<(u64, crate::address::EntityId, Vec<u8>), Instant> = HashMap::new();
+    let in_flight = Arc::new(Semaphore::new(FIRINGS_IN_FLIGHT_MAX));
     loop {
         let now_ms = now_unix_ms();
         // Timers set from here on are seen after the scan through `earliest`.
@@ -101,7 +105,15 @@ pub(super) async fn run(
                 if delivered.contains_key(&key) {
                     continue;
                 }
-                match fire(&context, timer) {
+                let permit = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    permit = in_flight.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        // The service owns the semaphore and never closes it.
+                        Err(_) => return,
+                    },
+                };
+                match fire(&context, timer, permit) {
                     Ok(()) => {
                         delivered.insert(key, Instant::now());
                     }
@@ -150,7 +162,11 @@ pub(super) async fn run(
 }
 
 /// Offers a due timer to its entity's mailbox.
-fn fire(context: &Arc<ShardContext>, timer: &DueTimer) -> Result<(), EntityError> {
+fn fire(
+    context: &Arc<ShardContext>,
+    timer: &DueTimer,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), EntityError> {
     let name = String::from_utf8(timer.name.clone()).map_err(|_| EntityError::Corrupt {
         entity: timer.entity.clone(),
         detail: "a timer name in the index is not UTF-8".into(),
@@ -159,6 +175,7 @@ fn fire(context: &Arc<ShardContext>, timer: &DueTimer) -> Result<(), EntityError
         request: Request::Timer {
             name,
             due_ms: timer.due_ms,
+            permit: Some(permit),
         },
         deadline: None,
     };
