@@ -32,9 +32,16 @@ pub fn validate_request_id(request_id: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The durable records an activation keeps in memory.
+/// The durable records an activation keeps in memory. Most entities have none: then this
+/// is one null pointer, allocated on first use.
 #[derive(Default)]
 pub(super) struct Durables {
+    records: Option<Box<Records>>,
+}
+
+/// What [`Durables`] holds once an entity has any durable record.
+#[derive(Default)]
+struct Records {
     /// Pending timers by name.
     pub timers: HashMap<String, TimerRecord>,
     dedup: HashMap<String, DedupRecord>,
@@ -60,9 +67,135 @@ impl Durables {
         now_ms: u64,
         config: &EntityConfig,
     ) -> Result<Self, EntityError> {
-        let mut durables = Durables {
+        if records.is_empty() {
+            return Ok(Durables::default());
+        }
+        let records = Records::load(id, records, now_ms, config)?;
+        Ok(Durables {
+            records: Some(Box::new(records)),
+        })
+    }
+
+    fn records(&mut self) -> &mut Records {
+        self.records.get_or_insert_with(|| {
+            Box::new(Records {
+                next_inbox_seq: 1,
+                ..Records::default()
+            })
+        })
+    }
+
+    /// The stored reply of `request_id`, if it is within the retention window.
+    pub fn stored_reply(&self, request_id: &str) -> Option<&DedupRecord> {
+        self.records.as_ref()?.dedup.get(request_id)
+    }
+
+    /// See [`Records::store_reply`].
+    pub fn store_reply(
+        &mut self,
+        id: &EntityId,
+        request_id: &str,
+        record: DedupRecord,
+        config: &EntityConfig,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), EntityError> {
+        self.records()
+            .store_reply(id, request_id, record, config, ops)
+    }
+
+    /// Ops owed from activation (expired stored replies), to add to the next batch.
+    pub fn take_owed(&mut self) -> Vec<Op> {
+        match &mut self.records {
+            Some(records) => std::mem::take(&mut records.forget),
+            None => Vec::new(),
+        }
+    }
+
+    /// The pending timer `name`.
+    pub fn timer(&self, name: &str) -> Option<&TimerRecord> {
+        self.records.as_ref()?.timers.get(name)
+    }
+
+    /// See [`Records::set_timer`].
+    pub fn set_timer(
+        &mut self,
+        id: &EntityId,
+        name: String,
+        record: TimerRecord,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), EntityError> {
+        self.records().set_timer(id, name, record, ops)
+    }
+
+    /// Cancels (or consumes, when it fires) timer `name`; nothing if it is not pending.
+    pub fn cancel_timer(&mut self, name: &str, ops: &mut Vec<Op>) -> Option<TimerRecord> {
+        self.records.as_mut()?.cancel_timer(name, ops)
+    }
+
+    /// Accepts a message into the inbox; returns its inbox sequence number.
+    pub fn accept_into_inbox(
+        &mut self,
+        id: &EntityId,
+        item: InboxItem,
+        ops: &mut Vec<Op>,
+    ) -> Result<u64, EntityError> {
+        self.records().accept_into_inbox(id, item, ops)
+    }
+
+    /// The oldest accepted inbox item not yet handled.
+    pub fn inbox_front(&self) -> Option<&(u64, InboxItem)> {
+        self.records.as_ref()?.inbox.front()
+    }
+
+    /// Forgets the oldest inbox item (its turn removes it durably).
+    pub fn pop_inbox(&mut self) {
+        if let Some(records) = &mut self.records {
+            records.inbox.pop_front();
+        }
+    }
+
+    /// Whether accepted inbox items wait to be handled.
+    pub fn has_inbox(&self) -> bool {
+        self.inbox_front().is_some()
+    }
+
+    /// The cached sequence number of a peer (`Receipt` or `SendSeq`).
+    pub fn cached_seq(&self, kind: RecordKind, peer: &EntityId) -> Option<u64> {
+        let records = self.records.as_ref()?;
+        match kind {
+            RecordKind::Receipt => records.receipts.get(peer).copied(),
+            _ => records.send_seqs.get(peer).copied(),
+        }
+    }
+
+    /// Caches the sequence number of a peer (`Receipt` or `SendSeq`).
+    pub fn cache_seq(&mut self, kind: RecordKind, peer: EntityId, seq: u64) {
+        let records = self.records();
+        match kind {
+            RecordKind::Receipt => records.receipts.insert(peer, seq),
+            _ => records.send_seqs.insert(peer, seq),
+        };
+    }
+
+    /// The ops that remove every timer index entry of the entity (before a `Delete`).
+    pub fn timer_index_removals(&self) -> Vec<Op> {
+        self.records
+            .as_ref()
+            .map(|records| records.timer_index_removals())
+            .unwrap_or_default()
+    }
+}
+
+impl Records {
+    fn load(
+        id: &EntityId,
+        records: &[StoredEntry],
+        now_ms: u64,
+        config: &EntityConfig,
+    ) -> Result<Self, EntityError> {
+        let mut durables = Records {
             next_inbox_seq: 1,
-            ..Durables::default()
+            ..Records::default()
         };
         let mut dedup: Vec<(String, DedupRecord)> = Vec::new();
         for entry in records {
@@ -102,11 +235,6 @@ impl Durables {
         Ok(durables)
     }
 
-    /// The stored reply of `request_id`, if it is within the retention window.
-    pub fn stored_reply(&self, request_id: &str) -> Option<&DedupRecord> {
-        self.dedup.get(request_id)
-    }
-
     /// Records the reply of a committed turn under `request_id` and forgets stored replies
     /// past the count or age bound, adding the ops to `ops`.
     pub fn store_reply(
@@ -128,11 +256,6 @@ impl Durables {
         }
         self.prune_dedup(now_ms, config, ops);
         Ok(())
-    }
-
-    /// Ops owed from activation (expired stored replies), to add to the next batch.
-    pub fn take_owed(&mut self) -> Vec<Op> {
-        std::mem::take(&mut self.forget)
     }
 
     fn prune_dedup(&mut self, now_ms: u64, config: &EntityConfig, ops: &mut Vec<Op>) {
@@ -341,7 +464,7 @@ mod tests {
             due_ms: 20,
             name: b"t".to_vec()
         }));
-        assert_eq!(durables.timers["t"].due_ms, 20);
+        assert_eq!(durables.timer("t").map(|t| t.due_ms), Some(20));
         assert!(durables
             .set_timer(&id, String::new(), timer(1), &mut ops)
             .is_err());

@@ -324,12 +324,16 @@ impl Process {
         }
         loop {
             // Accepted durable messages go before new ones.
-            if !self.durables.inbox.is_empty() && self.pending.len() < PENDING_TURNS_MAX {
+            if self.durables.has_inbox() && self.pending.len() < PENDING_TURNS_MAX {
                 match Box::pin(self.handle_inbox_front()).await {
                     Next::Continue => continue,
                     Next::Passivate => break,
                     Next::Exit => return,
                 }
+            }
+            if self.pending.is_empty() && self.pending.capacity() > 0 && self.inbox.is_empty() {
+                // About to wait: an idle entity keeps no queue allocation (~1 KiB).
+                self.pending = VecDeque::new();
             }
             tokio::select! {
                 // Answer turns as their batches become durable, before taking new messages.
@@ -710,8 +714,7 @@ impl Process {
     async fn fire_timer(&mut self, name: String, due_ms: u64) -> Next {
         let Some(timer) = self
             .durables
-            .timers
-            .get(&name)
+            .timer(&name)
             .filter(|t| t.due_ms == due_ms)
             .cloned()
         else {
@@ -775,12 +778,8 @@ impl Process {
     /// A per-peer sequence number (`Receipt` or `SendSeq`): cached for the activation, read
     /// from storage on first use.
     async fn pair_seq(&mut self, kind: RecordKind, peer: &EntityId) -> Result<u64, EntityError> {
-        let cache = match kind {
-            RecordKind::Receipt => &self.durables.receipts,
-            _ => &self.durables.send_seqs,
-        };
-        if let Some(seq) = cache.get(peer) {
-            return Ok(*seq);
+        if let Some(seq) = self.durables.cached_seq(kind, peer) {
+            return Ok(seq);
         }
         let stored = self
             .store
@@ -791,11 +790,7 @@ impl Process {
             Some(bytes) => records::decode_seq(&self.id, &format!("{kind:?} of {peer}"), &bytes)?,
             None => 0,
         };
-        let cache = match kind {
-            RecordKind::Receipt => &mut self.durables.receipts,
-            _ => &mut self.durables.send_seqs,
-        };
-        cache.insert(peer.clone(), seq);
+        self.durables.cache_seq(kind, peer.clone(), seq);
         Ok(seq)
     }
 
@@ -849,7 +844,7 @@ impl Process {
             };
             let pending = match self.dead_letter_ops(&what, kind, item, &mut receipt) {
                 Ok(_) => {
-                    self.durables.receipts.insert(from, pair_seq);
+                    self.durables.cache_seq(RecordKind::Receipt, from, pair_seq);
                     self.pending_write(receipt, Answer::Delivered(reply, DeliveryAck::DeadLettered))
                         .await
                 }
@@ -861,7 +856,7 @@ impl Process {
         match &crash {
             Some(reason) => self.count_crash(what, reason),
             None => {
-                self.durables.receipts.insert(from, pair_seq);
+                self.durables.cache_seq(RecordKind::Receipt, from, pair_seq);
             }
         }
         pending.answer = Answer::Delivered(reply, DeliveryAck::Accepted);
@@ -916,7 +911,7 @@ impl Process {
 
     /// Handles the oldest accepted inbox item; a crash leaves it in the inbox (and storage).
     async fn handle_inbox_front(&mut self) -> Next {
-        let Some((seq, item)) = self.durables.inbox.front().cloned() else {
+        let Some((seq, item)) = self.durables.inbox_front().cloned() else {
             return Next::Continue;
         };
         if let Err(reason) = Box::pin(self.upgrade_if_deployed()).await {
@@ -929,7 +924,7 @@ impl Process {
             name: records::inbox_name(seq),
         }];
         if self.exhausted(&what) {
-            self.durables.inbox.pop_front();
+            self.durables.pop_inbox();
             let pending = match self.dead_letter_ops(&what, "durable_cast", item, &mut consume) {
                 Ok(_) => self.pending_write(consume, Answer::None).await,
                 Err(error) => self.answered(Err(error)),
@@ -940,7 +935,7 @@ impl Process {
         match &crash {
             Some(reason) => self.count_crash(what, reason),
             None => {
-                self.durables.inbox.pop_front();
+                self.durables.pop_inbox();
             }
         }
         self.settle(pending, crash).await
@@ -1226,7 +1221,7 @@ impl Process {
                 name: records::outbox_name(&to, pair_seq),
                 value: records::encode(&self.id, &outgoing)?,
             });
-            self.durables.send_seqs.insert(to, pair_seq);
+            self.durables.cache_seq(RecordKind::SendSeq, to, pair_seq);
             posts.push(outgoing);
         }
         ops.extend(self.durables.take_owed());
@@ -1469,7 +1464,7 @@ impl Process {
     async fn delete(&mut self) -> Result<bool, EntityError> {
         let existed = self.seq > 0;
         let mut ops = self.durables.timer_index_removals();
-        let has_records = !ops.is_empty() || !self.durables.inbox.is_empty();
+        let has_records = !ops.is_empty() || self.durables.has_inbox();
         if existed || has_records {
             ops.push(Op::Delete);
             self.commit(ops).await?;
@@ -1565,5 +1560,17 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "a non-string panic payload".to_owned()
+    }
+}
+#[cfg(test)]
+mod footprint {
+    /// Every active entity holds a `Process` (in its task) and its mailbox holds boxed
+    /// envelopes: growing either grows the memory of a million active entities.
+    #[test]
+    fn an_idle_entity_stays_small() {
+        let process = std::mem::size_of::<super::Process>();
+        let envelope = std::mem::size_of::<super::Envelope>();
+        assert!(process <= 320, "Process is {process} bytes");
+        assert!(envelope <= 96, "Envelope is {envelope} bytes");
     }
 }
