@@ -13,6 +13,7 @@
 
 use std::ops::Bound;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
@@ -47,6 +48,43 @@ pub(crate) struct State {
     pub shards: Vec<Shard>,
 }
 
+/// How long opening sled waits for its lock file: a store closed a moment ago may still have
+/// sled's I/O threads finishing (sled's own tests block on the lock for the same reason).
+const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens sled with its background flusher off, waiting (bounded) for its lock.
+fn open_sled(state_dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    loop {
+        let opened = sled::Config::new()
+            .path(state_dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && started.elapsed() < SLED_LOCK_WAIT =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StoreError::Metadata(format!(
+                    "the data dir {} is in use by another process (is another statehouse-server running on it?): {e}",
+                    state_dir.display()
+                )));
+            }
+            Err(e) => {
+                return Err(sled_error(
+                    format!("opening sled in {}", state_dir.display()),
+                    e,
+                ))
+            }
+        }
+    }
+}
+
 /// The tree of catalog records.
 pub const CATALOG_TREE: &str = "catalog";
 
@@ -63,12 +101,7 @@ impl State {
         cache_bytes: u64,
         shard_count_if_new: u32,
     ) -> Result<State, StoreError> {
-        let db = sled::Config::new()
-            .path(state_dir)
-            .cache_capacity(cache_bytes)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| sled_error(format!("opening sled in {}", state_dir.display()), e))?;
+        let db = open_sled(state_dir, cache_bytes)?;
         let outcome = statehouse_migrations::prepare(&db)?;
         tracing::info!(?outcome, "data dir format checked");
         let meta = db

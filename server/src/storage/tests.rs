@@ -1578,3 +1578,19 @@ async fn record_names_over_the_limit_are_refused_and_write_nothing() {
     );
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_data_dir_in_use_is_refused_with_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let store = SledStore::open(config(root.path())).unwrap();
+    let err = SledStore::open(config(root.path())).unwrap_err();
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    store.close().await.unwrap();
+    drop(store);
+    // Once the first one is gone, the data dir opens (waiting out sled's lock if need be).
+    let again = SledStore::open(config(root.path())).unwrap();
+    again.close().await.unwrap();
+}
