@@ -148,34 +148,35 @@ impl StagedWrites {
         self.pending.is_empty()
     }
 
-    /// Stages `writes` against `tree`, reading it for range removals.
-    pub(crate) fn stage(&mut self, tree: &sled::Tree, writes: &[SledOp]) -> sled::Result<()> {
+    /// Stages `writes` against `tree`, reading it for range removals. Takes the writes, so
+    /// keys and values move into the batch without a copy.
+    pub(crate) fn stage(&mut self, tree: &sled::Tree, writes: Vec<SledOp>) -> sled::Result<()> {
         for write in writes {
             match write {
                 SledOp::Put { key, value } => {
-                    self.pending.insert(key.clone(), Some(value.clone()));
+                    self.pending.insert(key, Some(value));
                 }
                 SledOp::Remove { key } => {
-                    self.pending.insert(key.clone(), None);
+                    self.pending.insert(key, None);
                 }
                 SledOp::RemoveRange { from, to_inclusive } => {
                     for item in tree.range(from.as_slice()..=to_inclusive.as_slice()) {
                         let (key, _) = item?;
                         self.pending.insert(key.to_vec(), None);
                     }
-                    for (_, value) in self.pending.range_mut(from.clone()..=to_inclusive.clone()) {
+                    for (_, value) in self.pending.range_mut(from..=to_inclusive) {
                         *value = None;
                     }
                 }
                 SledOp::RemovePrefix { prefix } => {
-                    for item in tree.scan_prefix(prefix) {
+                    for item in tree.scan_prefix(&prefix) {
                         let (key, _) = item?;
                         self.pending.insert(key.to_vec(), None);
                     }
                     for (_, value) in self
                         .pending
                         .range_mut(prefix.clone()..)
-                        .take_while(|(key, _)| key.starts_with(prefix))
+                        .take_while(|(key, _)| key.starts_with(&prefix))
                     {
                         *value = None;
                     }
@@ -219,7 +220,7 @@ mod tests {
 
     fn apply(tree: &sled::Tree, entity: &EntityId, ops: &[Op]) {
         let mut staged = StagedWrites::new();
-        staged.stage(tree, &plan(entity, ops)).unwrap();
+        staged.stage(tree, plan(entity, ops)).unwrap();
         staged.apply(tree).unwrap();
     }
 

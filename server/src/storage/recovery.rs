@@ -198,7 +198,7 @@ fn replay_frame(
         match body.map(decode_body) {
             Some(Ok(ops)) => {
                 let writes = plan(&head.entity, &ops);
-                batch.stage(state, head.shard, &writes)?;
+                batch.stage(state, head.shard, writes)?;
                 report.frames_replayed += 1;
                 return Ok(());
             }
@@ -223,7 +223,7 @@ fn replay_frame(
     batch.stage(
         state,
         head.shard,
-        &[SledOp::Put {
+        vec![SledOp::Put {
             key: keys::corrupt_key(&head.entity),
             value: problem.clone().into_bytes(),
         }],
@@ -248,7 +248,7 @@ struct ReplayBatch {
 const REPLAY_BATCH_FRAMES: usize = 4096;
 
 impl ReplayBatch {
-    fn stage(&mut self, state: &State, shard: u32, writes: &[SledOp]) -> Result<(), StoreError> {
+    fn stage(&mut self, state: &State, shard: u32, writes: Vec<SledOp>) -> Result<(), StoreError> {
         let shard_state = state.shard(shard)?;
         self.staged
             .entry(shard)

@@ -155,7 +155,7 @@ impl Writer {
             .map(|since| since + self.config.async_sync_window)
     }
 
-    fn run_round(&mut self, round: Vec<Submission>) {
+    fn run_round(&mut self, mut round: Vec<Submission>) {
         Counters::add(&self.shared.counters.commits, round.len() as u64);
         if let Some(reason) = &self.poisoned {
             let reason = reason.clone();
@@ -196,7 +196,7 @@ impl Writer {
             }
         }
 
-        let outcomes = self.apply(&round);
+        let outcomes = self.apply(&mut round);
         let applied_all = outcomes.iter().all(Result::is_ok);
         if applied_all {
             self.applied = self.position();
@@ -220,11 +220,11 @@ impl Writer {
     /// Applies the round's batches to sled, one atomic sled batch per shard, in commit order.
     /// A sled failure fails that shard's batches and poisons the writer: the journal holds
     /// them, so the next start's replay brings sled up to date.
-    fn apply(&mut self, round: &[Submission]) -> Vec<Result<(), StoreError>> {
+    fn apply(&mut self, round: &mut [Submission]) -> Vec<Result<(), StoreError>> {
         let mut by_shard: BTreeMap<u32, StagedWrites> = BTreeMap::new();
         let mut failed: BTreeMap<u32, sled::Error> = BTreeMap::new();
         let shards = &self.shared.state.shards;
-        for submission in round {
+        for submission in round.iter_mut() {
             if failed.contains_key(&submission.shard) {
                 continue;
             }
@@ -239,7 +239,7 @@ impl Writer {
             let staged = by_shard
                 .entry(submission.shard)
                 .or_insert_with(StagedWrites::new);
-            if let Err(e) = staged.stage(&shard.tree, &submission.writes) {
+            if let Err(e) = staged.stage(&shard.tree, std::mem::take(&mut submission.writes)) {
                 failed.insert(submission.shard, e);
             }
         }
