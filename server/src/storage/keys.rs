@@ -239,25 +239,7 @@ mod tests {
         let seed: u64 = rand::random();
         println!("seed {seed}");
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut entities = vec![
-            id("a", "bc"),
-            id("ab", "c"),
-            id("a", "b"),
-            id("a", "b\u{0}"),
-            id("a", "ba"),
-            id("b", "a"),
-        ];
-        for _ in 0..50 {
-            let t: String = (0..rng.gen_range(1..4))
-                .map(|_| rng.gen_range(b'a'..=b'c') as char)
-                .collect();
-            let k: String = (0..rng.gen_range(1..4))
-                .map(|_| rng.gen_range(b'a'..=b'c') as char)
-                .collect();
-            entities.push(id(&t, &k));
-        }
-        entities.sort();
-        entities.dedup();
+        let entities = tempting_entities(&mut rng);
         let mut keys: Vec<(Vec<u8>, usize)> = Vec::new();
         for (index, e) in entities.iter().enumerate() {
             for seq in [1u64, 2, 300, u64::MAX] {
