@@ -1,9 +1,9 @@
 //! The entity process: one tokio task per active entity, a bounded mailbox, one message at a
 //! time, activation from durable state, passivation when idle.
 //!
-//! **Owns**: the turn loop ([`process`]), the messages a mailbox carries ([`envelope`]),
-//! recovery of state from a snapshot plus events ([`recovery`]), the on-disk encoding of
-//! values ([`codec`]), and the errors every layer above reports ([`EntityError`]).
+//! **Owns**: the turn loop ([`process`]), the mailbox (`mailbox`) and the messages it carries
+//! ([`envelope`]), recovery of state from a snapshot plus events ([`recovery`]), the on-disk
+//! encoding of values ([`codec`]), and the errors every layer above reports ([`EntityError`]).
 //! **May call**: `behaviour/` (to handle and apply) and `storage/` (to commit and load).
 //! Routing and the directory of active entities belong to `shard/`, which this module reaches
 //! only through the [`EntityHost`] trait, so dependencies point one way.
@@ -18,6 +18,7 @@ pub mod codec;
 mod durables;
 mod envelope;
 mod error;
+mod mailbox;
 mod process;
 pub mod records;
 pub mod recovery;

@@ -24,6 +24,7 @@ use crate::behaviour::{
 use crate::storage::{Durable, EntityBatch, Op, RecordKind, Store, StoreError};
 
 use super::durables::Durables;
+use super::mailbox::{self, MailboxReceiver, MailboxSender};
 use super::records::{
     self, DeadLetterRecord, DedupRecord, InboxItem, MessageKind, OutboxMessage, TimerRecord,
 };
@@ -58,7 +59,7 @@ pub struct StateView {
 /// The shard's handle on an active entity: its mailbox and a view of its committed state.
 #[derive(Clone)]
 pub struct EntityHandle {
-    mailbox: mpsc::Sender<Box<Envelope>>,
+    mailbox: MailboxSender<Box<Envelope>>,
     task: tokio::task::AbortHandle,
     generation: u64,
     shared: Arc<Shared>,
@@ -173,7 +174,7 @@ impl EntityHandle {
 
     /// Messages waiting in the mailbox.
     pub fn mailbox_len(&self) -> usize {
-        self.mailbox.max_capacity() - self.mailbox.capacity()
+        self.mailbox.len()
     }
 
     /// The last committed state, without waiting behind the mailbox (only, with output gates,
@@ -209,7 +210,7 @@ impl EntityHandle {
 /// state before it takes its first message.
 pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
     let generation = args.generation;
-    let (mailbox, inbox) = mpsc::channel(args.config.mailbox_capacity.max(1));
+    let (mailbox, inbox) = mailbox::mailbox(args.config.mailbox_capacity.max(1));
     let shared = Arc::new(Shared {
         id: args.id.clone(),
         committed: RwLock::new(None),
@@ -276,7 +277,7 @@ struct Process {
     host: Arc<dyn EntityHost>,
     config: Arc<EntityConfig>,
     shared: Arc<Shared>,
-    inbox: mpsc::Receiver<Box<Envelope>>,
+    inbox: MailboxReceiver<Box<Envelope>>,
     /// Sequence number of the last committed event.
     seq: u64,
     events_since_snapshot: u64,
