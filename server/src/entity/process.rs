@@ -212,13 +212,12 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
     let generation = args.generation;
     let (mailbox, inbox) = mailbox::mailbox(args.config.mailbox_capacity.max(1));
     let shared = Arc::new(Shared {
-        id: args.id.clone(),
+        id: args.id,
         committed: RwLock::new(None),
         durable: DurableMark::new(),
     });
     let durable_seq = DurablePublisher(shared.clone());
     let process = Process {
-        id: args.id,
         shard: args.shard,
         generation,
         behaviour: args.behaviour,
@@ -264,7 +263,6 @@ enum Next {
 }
 
 struct Process {
-    id: EntityId,
     shard: u32,
     generation: u64,
     /// The version this activation runs; replaced by a hot upgrade.
@@ -379,7 +377,7 @@ fn crash_reason(error: &EntityError) -> Option<String> {
 impl Process {
     async fn run(mut self) {
         if let Err(error) = Box::pin(self.activate()).await {
-            tracing::warn!(entity = %self.id, %error, "activation failed");
+            tracing::warn!(entity = %self.shared.id, %error, "activation failed");
             Box::pin(self.fail_activation(error)).await;
             return;
         }
@@ -430,18 +428,18 @@ impl Process {
     async fn activate(&mut self) -> Result<(), EntityError> {
         let mut loaded = self
             .store
-            .load(self.shard, &self.id)
+            .load(self.shard, &self.shared.id)
             .await
-            .map_err(|e| EntityError::from_store(&self.id, e))?;
+            .map_err(|e| EntityError::from_store(&self.shared.id, e))?;
         let records = std::mem::take(&mut loaded.records);
         // The active version now: a deploy may have happened since this entity was routed.
         self.seen_registry_generation = Some(self.registry.generation());
         let latest = self
             .registry
-            .get(&self.id.entity_type)
+            .get(&self.shared.id.entity_type)
             .unwrap_or_else(|| self.behaviour.clone());
         let registry = self.registry.clone();
-        let entity_type = self.id.entity_type.clone();
+        let entity_type = self.shared.id.entity_type.clone();
         let versions = move |version: u32| registry.version(&entity_type, version);
         let Recovered {
             state,
@@ -450,8 +448,8 @@ impl Process {
             behaviour,
             migrated_from,
             upgrade_error,
-        } = recovery::recover(&latest, &versions, &self.id, loaded)?;
-        self.durables = Durables::load(&self.id, &records, now_unix_ms(), &self.config)?;
+        } = recovery::recover(&latest, &versions, &self.shared.id, loaded)?;
+        self.durables = Durables::load(&self.shared.id, &records, now_unix_ms(), &self.config)?;
         self.seq = seq;
         self.events_since_snapshot = events_since_snapshot;
         self.behaviour = behaviour.clone();
@@ -462,10 +460,10 @@ impl Process {
         });
         if let Some(error) = upgrade_error {
             // Serve reads of the old state; every turn retries the upgrade (and crashes).
-            tracing::warn!(entity = %self.id, %error, "upgrade at activation failed");
+            tracing::warn!(entity = %self.shared.id, %error, "upgrade at activation failed");
             self.seen_registry_generation = None;
         } else if let (Some(from), true) = (migrated_from, seq > 0) {
-            tracing::info!(entity = %self.id, from, to = self.behaviour.version(), "migrated at activation");
+            tracing::info!(entity = %self.shared.id, from, to = self.behaviour.version(), "migrated at activation");
             Box::pin(self.write_snapshot()).await?;
         }
         Ok(())
@@ -480,7 +478,7 @@ impl Process {
         if self.seen_registry_generation == Some(generation) {
             return Ok(());
         }
-        let Some(latest) = self.registry.get(&self.id.entity_type) else {
+        let Some(latest) = self.registry.get(&self.shared.id.entity_type) else {
             self.seen_registry_generation = Some(generation);
             return Ok(());
         };
@@ -511,7 +509,7 @@ impl Process {
             let value = latest
                 .state_to_value(&migrated)
                 .map_err(|e| e.to_string())?;
-            let payload = codec::encode(&self.id, &value).map_err(|e| e.to_string())?;
+            let payload = codec::encode(&self.shared.id, &value).map_err(|e| e.to_string())?;
             let op = Op::Snapshot {
                 seq: self.seq,
                 behaviour_version: latest.version(),
@@ -523,7 +521,7 @@ impl Process {
             committed.state = migrated;
             committed.behaviour = latest.clone();
         }
-        tracing::info!(entity = %self.id, from, to = latest.version(), "hot upgrade");
+        tracing::info!(entity = %self.shared.id, from, to = latest.version(), "hot upgrade");
         self.behaviour = latest;
         self.events_since_snapshot = 0;
         self.seen_registry_generation = Some(generation);
@@ -532,7 +530,7 @@ impl Process {
 
     async fn handle(&mut self, envelope: Envelope) -> Next {
         if envelope.expired() {
-            envelope.fail(EntityError::DeadlineExceeded(self.id.clone()));
+            envelope.fail(EntityError::DeadlineExceeded(self.shared.id.clone()));
             return Next::Continue;
         }
         let turn = matches!(
@@ -623,7 +621,7 @@ impl Process {
                     Box::pin(self.delete()).await
                 } else {
                     Err(EntityError::StorageUnavailable {
-                        entity: self.id.clone(),
+                        entity: self.shared.id.clone(),
                         reason: "the journal failed".into(),
                     })
                 };
@@ -677,7 +675,7 @@ impl Process {
         };
         let accepted = self
             .durables
-            .accept_into_inbox(&self.id, item, &mut ops)
+            .accept_into_inbox(&self.shared.id, item, &mut ops)
             .and_then(|_| match &request_id {
                 Some(request_id) => {
                     let record = DedupRecord {
@@ -685,8 +683,13 @@ impl Process {
                         seq: self.seq,
                         reply: Value::Null,
                     };
-                    self.durables
-                        .store_reply(&self.id, request_id, record, &self.config, &mut ops)
+                    self.durables.store_reply(
+                        &self.shared.id,
+                        request_id,
+                        record,
+                        &self.config,
+                        &mut ops,
+                    )
                 }
                 None => Ok(()),
             });
@@ -755,7 +758,7 @@ impl Process {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let id = format!("{kind}-{now}");
-        tracing::warn!(entity = %self.id, dead_letter = %id, attempts, %reason, "durable message moved to a dead letter");
+        tracing::warn!(entity = %self.shared.id, dead_letter = %id, attempts, %reason, "durable message moved to a dead letter");
         let record = DeadLetterRecord {
             kind: kind.to_owned(),
             item,
@@ -766,7 +769,7 @@ impl Process {
         ops.push(Op::PutRecord {
             kind: RecordKind::DeadLetter,
             name: id.as_bytes().to_vec(),
-            value: records::encode(&self.id, &record)?,
+            value: records::encode(&self.shared.id, &record)?,
         });
         Ok(id)
     }
@@ -808,7 +811,7 @@ impl Process {
                 self.settle(pending, crash).await
             }
             Err(EntityError::InvalidMessage { reason, .. }) => {
-                tracing::warn!(entity = %self.id, timer = %name, %reason, "the behaviour refused its timer; the timer is consumed");
+                tracing::warn!(entity = %self.shared.id, timer = %name, %reason, "the behaviour refused its timer; the timer is consumed");
                 self.durables.cancel_timer(&name, &mut consume);
                 let (pending, crash) = self
                     .commit_turn(Turn::reply(Value::Null), consume, None, Vec::new())
@@ -844,11 +847,18 @@ impl Process {
         }
         let stored = self
             .store
-            .record(self.shard, &self.id, kind, &records::address_name(peer))
+            .record(
+                self.shard,
+                &self.shared.id,
+                kind,
+                &records::address_name(peer),
+            )
             .await
-            .map_err(|e| EntityError::from_store(&self.id, e))?;
+            .map_err(|e| EntityError::from_store(&self.shared.id, e))?;
         let seq = match stored {
-            Some(bytes) => records::decode_seq(&self.id, &format!("{kind:?} of {peer}"), &bytes)?,
+            Some(bytes) => {
+                records::decode_seq(&self.shared.id, &format!("{kind:?} of {peer}"), &bytes)?
+            }
             None => 0,
         };
         self.durables.cache_seq(kind, peer.clone(), seq);
@@ -943,7 +953,7 @@ impl Process {
             Ok(turn) => {
                 let replies = reply_to
                     .map(|(to, tag)| {
-                        let answer = reply_message(&self.id, tag, Ok(turn.reply.clone()));
+                        let answer = reply_message(&self.shared.id, tag, Ok(turn.reply.clone()));
                         (to, answer)
                     })
                     .into_iter()
@@ -951,11 +961,11 @@ impl Process {
                 self.commit_turn(turn, consume, None, replies).await
             }
             Err(EntityError::InvalidMessage { reason, .. }) => {
-                tracing::warn!(entity = %self.id, origin = %item.origin, %reason, "durable message refused by the behaviour; it is consumed");
+                tracing::warn!(entity = %self.shared.id, origin = %item.origin, %reason, "durable message refused by the behaviour; it is consumed");
                 let replies = reply_to
                     .map(|(to, tag)| {
                         let answer =
-                            reply_message(&self.id, tag, Err(("invalid_argument", &reason)));
+                            reply_message(&self.shared.id, tag, Err(("invalid_argument", &reason)));
                         (to, answer)
                     })
                     .into_iter()
@@ -1010,12 +1020,17 @@ impl Process {
     ) -> Next {
         let stored = self
             .store
-            .record(self.shard, &self.id, RecordKind::DeadLetter, id.as_bytes())
+            .record(
+                self.shard,
+                &self.shared.id,
+                RecordKind::DeadLetter,
+                id.as_bytes(),
+            )
             .await
-            .map_err(|e| EntityError::from_store(&self.id, e));
+            .map_err(|e| EntityError::from_store(&self.shared.id, e));
         let record: DeadLetterRecord = match stored {
             Ok(Some(bytes)) => {
-                match records::decode(&self.id, &format!("dead letter {id}"), &bytes) {
+                match records::decode(&self.shared.id, &format!("dead letter {id}"), &bytes) {
                     Ok(record) => record,
                     Err(error) => {
                         let _ = reply.send(Err(error));
@@ -1038,7 +1053,7 @@ impl Process {
         }];
         let pending = match self
             .durables
-            .accept_into_inbox(&self.id, record.item, &mut ops)
+            .accept_into_inbox(&self.shared.id, record.item, &mut ops)
         {
             Ok(_) => self.pending_write(ops, Answer::Accepted(reply, true)).await,
             Err(error) => {
@@ -1091,8 +1106,8 @@ impl Process {
         self.durable_seq.advance(done.seq);
         for effect in done.effects {
             match effect {
-                Effect::Monitor(target) => self.host.monitor(&self.id, &target),
-                Effect::Demonitor(target) => self.host.demonitor(&self.id, &target),
+                Effect::Monitor(target) => self.host.monitor(&self.shared.id, &target),
+                Effect::Demonitor(target) => self.host.demonitor(&self.shared.id, &target),
                 // Durable effects travelled in the turn's batch; see `posts` and `timer_due`.
                 Effect::SetTimer { .. }
                 | Effect::CancelTimer { .. }
@@ -1101,7 +1116,7 @@ impl Process {
             }
         }
         for message in done.posts {
-            self.host.post(&self.id, message);
+            self.host.post(&self.shared.id, message);
         }
         if let Some(due_ms) = done.timer_due {
             self.host.timer_set(due_ms);
@@ -1128,7 +1143,7 @@ impl Process {
 
     /// The journal failed: every queued turn is answered with the failure, which is escalated.
     fn fail_pending(&mut self, error: StoreError) {
-        let error = EntityError::from_store(&self.id, error);
+        let error = EntityError::from_store(&self.shared.id, error);
         for pending in self.pending.drain(..) {
             pending.answer.send(Err(error.clone()));
         }
@@ -1140,8 +1155,8 @@ impl Process {
     /// A turn crashed. Nothing of it was written; the shard's supervisor decides whether this
     /// activation restarts from durable state, stops, or is quarantined.
     async fn on_crash(&mut self, reason: String) -> Next {
-        tracing::warn!(entity = %self.id, %reason, "entity crashed");
-        match self.host.crashed(&self.id, self.generation, &reason) {
+        tracing::warn!(entity = %self.shared.id, %reason, "entity crashed");
+        match self.host.crashed(&self.shared.id, self.generation, &reason) {
             CrashVerdict::Restart => match Box::pin(self.activate()).await {
                 Ok(()) => Next::Continue,
                 Err(error) => {
@@ -1215,7 +1230,7 @@ impl Process {
             ops.push(Op::Event {
                 seq,
                 behaviour_version: version,
-                payload: codec::encode(&self.id, event)?,
+                payload: codec::encode(&self.shared.id, event)?,
             });
         }
         // Before the effects: a timer handler may set its own timer's name again.
@@ -1234,7 +1249,7 @@ impl Process {
                         payload: payload.clone(),
                     };
                     self.durables
-                        .set_timer(&self.id, name.clone(), record, &mut ops)?;
+                        .set_timer(&self.shared.id, name.clone(), record, &mut ops)?;
                     timer_due = Some(timer_due.map_or(due_ms, |d| d.min(due_ms)));
                 }
                 Effect::CancelTimer { name } => {
@@ -1245,7 +1260,7 @@ impl Process {
                 }
                 Effect::Request { to, message, tag } => {
                     let kind = MessageKind::Call {
-                        reply_to: self.id.clone(),
+                        reply_to: self.shared.id.clone(),
                         tag: tag.clone(),
                     };
                     sends.push((to.clone(), kind, message.clone()));
@@ -1276,7 +1291,7 @@ impl Process {
             ops.push(Op::PutRecord {
                 kind: RecordKind::Outbox,
                 name: records::outbox_name(&to, pair_seq),
-                value: records::encode(&self.id, &outgoing)?,
+                value: records::encode(&self.shared.id, &outgoing)?,
             });
             self.durables.cache_seq(RecordKind::SendSeq, to, pair_seq);
             posts.push(outgoing);
@@ -1291,8 +1306,13 @@ impl Process {
                     seq: self.seq + turn.events.len() as u64,
                     reply: turn.reply.clone(),
                 };
-                self.durables
-                    .store_reply(&self.id, request_id, record, &self.config, &mut ops)?;
+                self.durables.store_reply(
+                    &self.shared.id,
+                    request_id,
+                    record,
+                    &self.config,
+                    &mut ops,
+                )?;
             }
         }
         Ok((ops, posts, timer_due, after))
@@ -1380,7 +1400,7 @@ impl Process {
     async fn subscribe(&mut self) -> Result<Subscription, EntityError> {
         if !self.drain().await {
             return Err(EntityError::StorageUnavailable {
-                entity: self.id.clone(),
+                entity: self.shared.id.clone(),
                 reason: "the journal failed".into(),
             });
         }
@@ -1416,7 +1436,7 @@ impl Process {
         let Some(committed) = guard.as_ref() else {
             return Err(self.no_state());
         };
-        let key = &self.id.key;
+        let key = &self.shared.id.key;
         let outcome = catch_unwind(AssertUnwindSafe(|| match inbound {
             Inbound::Message(message) => self.behaviour.handle(key, &committed.state, message),
             Inbound::Cast(message) => self.behaviour.handle_cast(key, &committed.state, message),
@@ -1425,7 +1445,7 @@ impl Process {
         match outcome {
             Ok(Ok(turn)) => Ok(turn),
             Ok(Err(BehaviourError::InvalidMessage(reason))) => Err(EntityError::InvalidMessage {
-                entity: self.id.clone(),
+                entity: self.shared.id.clone(),
                 reason,
             }),
             Ok(Err(error)) => Err(self.crashed(error.to_string())),
@@ -1475,7 +1495,7 @@ impl Process {
         let op = match self.snapshot_op() {
             Ok(op) => op,
             Err(error) => {
-                tracing::warn!(entity = %self.id, %error, "snapshot skipped");
+                tracing::warn!(entity = %self.shared.id, %error, "snapshot skipped");
                 return;
             }
         };
@@ -1487,7 +1507,7 @@ impl Process {
                 pending.durable = Some(durable);
                 self.pending.push_back(pending);
             }
-            Err(error) => tracing::warn!(entity = %self.id, %error, "snapshot failed"),
+            Err(error) => tracing::warn!(entity = %self.shared.id, %error, "snapshot failed"),
         }
     }
 
@@ -1501,7 +1521,7 @@ impl Process {
             .behaviour
             .state_to_value(&committed.state)
             .map_err(|e| self.crashed(e.to_string()))
-            .and_then(|value| codec::encode(&self.id, &value))?;
+            .and_then(|value| codec::encode(&self.shared.id, &value))?;
         Ok(Op::Snapshot {
             seq: self.seq,
             behaviour_version: self.behaviour.version(),
@@ -1535,25 +1555,25 @@ impl Process {
     async fn submit(&self, ops: Vec<Op>) -> Result<Durable, EntityError> {
         let batch = EntityBatch {
             shard: self.shard,
-            entity: self.id.clone(),
+            entity: self.shared.id.clone(),
             ops,
         };
         self.store
             .submit(batch)
             .await
-            .map_err(|e| EntityError::from_store(&self.id, e))
+            .map_err(|e| EntityError::from_store(&self.shared.id, e))
     }
 
     async fn commit(&self, ops: Vec<Op>) -> Result<(), EntityError> {
         let batch = EntityBatch {
             shard: self.shard,
-            entity: self.id.clone(),
+            entity: self.shared.id.clone(),
             ops,
         };
         self.store
             .commit(batch)
             .await
-            .map_err(|e| EntityError::from_store(&self.id, e))
+            .map_err(|e| EntityError::from_store(&self.shared.id, e))
     }
 
     /// Leaves the directory; messages that slipped in meanwhile go to a new activation.
@@ -1563,18 +1583,18 @@ impl Process {
         } else {
             Exit::Stopped
         };
-        self.host.exited(&self.id, self.generation, exit);
+        self.host.exited(&self.shared.id, self.generation, exit);
         self.inbox.close();
         while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             self.host
-                .reroute(self.id.clone(), self.behaviour.clone(), envelope);
+                .reroute(self.shared.id.clone(), self.behaviour.clone(), envelope);
         }
     }
 
     /// The entity could not be loaded: answer everything waiting with the reason and leave.
     /// `Delete` still works, so an operator can remove a corrupt entity.
     async fn fail_activation(&mut self, error: EntityError) {
-        self.host.deregister(&self.id, self.generation);
+        self.host.deregister(&self.shared.id, self.generation);
         self.inbox.close();
         while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             match envelope.request {
@@ -1589,7 +1609,7 @@ impl Process {
 
     /// Leaves the directory and answers every waiting message with `error`.
     fn refuse_remaining(&mut self, error: EntityError) {
-        self.host.deregister(&self.id, self.generation);
+        self.host.deregister(&self.shared.id, self.generation);
         self.inbox.close();
         while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
             envelope.fail(error.clone());
@@ -1603,7 +1623,7 @@ impl Process {
 
     fn crashed(&self, reason: String) -> EntityError {
         EntityError::Crashed {
-            entity: self.id.clone(),
+            entity: self.shared.id.clone(),
             reason,
         }
     }
@@ -1627,7 +1647,7 @@ mod footprint {
     fn an_idle_entity_stays_small() {
         let process = std::mem::size_of::<super::Process>();
         let envelope = std::mem::size_of::<super::Envelope>();
-        assert!(process <= 320, "Process is {process} bytes");
+        assert!(process <= 256, "Process is {process} bytes");
         assert!(envelope <= 96, "Envelope is {envelope} bytes");
     }
 }
