@@ -237,7 +237,9 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         durables: Durables::default(),
         attempts: HashMap::new(),
     };
-    let task = tracker.spawn(process.run()).abort_handle();
+    // Boxed: an async fn keeps its argument and its moved-in local apart, so an inline
+    // `Process` would be stored twice in every idle task.
+    let task = tracker.spawn(Box::new(process).run()).abort_handle();
     EntityHandle {
         mailbox,
         task,
@@ -251,6 +253,16 @@ enum Inbound {
     Message(Value),
     Cast(Value),
     Info(Value),
+}
+
+/// What woke the turn loop.
+enum Wake {
+    /// The oldest turn in the output gate is durable (or the journal failed).
+    Durable(Result<(), StoreError>),
+    /// A message, or `None` once every sender is gone.
+    Message(Option<Box<Envelope>>),
+    /// No message for `idle_timeout`.
+    IdleTimeout,
 }
 
 /// What the loop does after a message.
@@ -375,7 +387,7 @@ fn crash_reason(error: &EntityError) -> Option<String> {
 }
 
 impl Process {
-    async fn run(mut self) {
+    async fn run(mut self: Box<Self>) {
         if let Err(error) = Box::pin(self.activate()).await {
             tracing::warn!(entity = %self.shared.id, %error, "activation failed");
             Box::pin(self.fail_activation(error)).await;
@@ -394,19 +406,22 @@ impl Process {
                 // About to wait: an idle entity keeps no queue allocation (~1 KiB).
                 self.pending = VecDeque::new();
             }
-            tokio::select! {
-                // Answer turns as their batches become durable, before taking new messages.
-                biased;
-                durable = front_durable(&mut self.pending), if !self.pending.is_empty() => {
-                    if let Err(error) = durable {
-                        self.fail_pending(error);
-                        break;
-                    }
-                    self.finish_front();
+            // Idle, the task waits on a small future; busy, on a boxed one (a task's size is
+            // what a million idle entities pay).
+            let wake = if self.pending.is_empty() {
+                self.wait_idle().await
+            } else {
+                Box::pin(self.wait_busy()).await
+            };
+            match wake {
+                Wake::Durable(Err(error)) => {
+                    self.fail_pending(error);
+                    break;
                 }
-                envelope = self.inbox.recv(), if self.pending.len() < PENDING_TURNS_MAX => {
-                    // Every sender is gone: the shard dropped this activation.
-                    let Some(envelope) = envelope else { return };
+                Wake::Durable(Ok(())) => self.finish_front(),
+                // Every sender is gone: the shard dropped this activation.
+                Wake::Message(None) => return,
+                Wake::Message(Some(envelope)) => {
                     // Boxed: the idle task stays small (a turn's state machine is ~1 KiB).
                     match Box::pin(self.handle(*envelope)).await {
                         Next::Continue => {}
@@ -414,7 +429,7 @@ impl Process {
                         Next::Exit => return,
                     }
                 }
-                () = tokio::time::sleep(self.config.idle_timeout), if self.pending.is_empty() => {
+                Wake::IdleTimeout => {
                     if self.inbox.is_empty() && !self.watched() {
                         break;
                     }
@@ -422,6 +437,26 @@ impl Process {
             }
         }
         self.passivate();
+    }
+
+    /// With nothing in the output gate: the next message, or the idle timeout.
+    async fn wait_idle(&mut self) -> Wake {
+        tokio::select! {
+            envelope = self.inbox.recv() => Wake::Message(envelope),
+            () = tokio::time::sleep(self.config.idle_timeout) => Wake::IdleTimeout,
+        }
+    }
+
+    /// With turns in the output gate: the oldest becoming durable (first), or a new message
+    /// while fewer than `PENDING_TURNS_MAX` wait.
+    async fn wait_busy(&mut self) -> Wake {
+        tokio::select! {
+            biased;
+            durable = front_durable(&mut self.pending) => Wake::Durable(durable),
+            envelope = self.inbox.recv(), if self.pending.len() < PENDING_TURNS_MAX => {
+                Wake::Message(envelope)
+            }
+        }
     }
 
     /// Loads the snapshot and events and installs the recovered state.
