@@ -235,6 +235,29 @@ impl Config {
         })
     }
 
+    /// Settings that are valid but probably not what was meant, as sentences for the log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let after = self.dead_letter_after_crashes;
+        let mut supervised: Vec<(&str, u32)> =
+            vec![("entities", self.supervision.entity.max_restarts)];
+        supervised.extend(
+            self.supervision
+                .types
+                .iter()
+                .map(|(name, s)| (name.as_str(), s.max_restarts)),
+        );
+        for (who, max_restarts) in supervised {
+            if after > max_restarts {
+                warnings.push(format!(
+                    "dead_letter_after_crashes = {after} is above max_restarts = {max_restarts} of {who}: \
+                     a crash-looping durable message quarantines its entity before it becomes a dead letter"
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Checks every bound.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |field, value: &dyn ToString, reason| {
@@ -353,6 +376,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letters_above_the_restart_intensity_are_warned_about() {
+        assert!(Config::default().warnings().is_empty());
+        let config = Config {
+            dead_letter_after_crashes: 5,
+            ..Config::default()
+        };
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("max_restarts = 3 of entities"),
+            "{warnings:?}"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -83,6 +83,9 @@ impl Server {
     pub async fn run(self, shutdown: Shutdown) -> Result<(), ServerError> {
         let config = self.config;
         config.validate()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let store_config = config.store_config();
         tracing::info!(data_dir = %config.data_dir.display(), "opening data dir");
         let store: Arc<dyn Store> =
