@@ -89,6 +89,8 @@ pub enum Request {
     },
     /// Nothing but activation: the entity loads, and handles what its durable inbox holds.
     Wake,
+    /// From the shard's idle sweep: passivate if idle for `idle_timeout` with nothing waiting.
+    Idle,
     /// Put dead letter `id` back into the durable inbox; the reply says whether it existed.
     Redrive {
         id: String,
@@ -146,7 +148,7 @@ impl Envelope {
                 tracing::debug!(%error, timer = %name, "timer delivery dropped; it is retried")
             }
             Request::Cast { .. } => tracing::debug!(%error, "cast dropped"),
-            Request::Wake => {}
+            Request::Wake | Request::Idle => {}
             Request::Info { .. } => tracing::debug!(%error, "info message dropped"),
         }
     }

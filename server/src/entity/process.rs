@@ -3,8 +3,9 @@
 //! An activation loads the entity's snapshot and events, then takes one message at a time from
 //! its mailbox: run the handler against the committed state, commit the turn's events as one
 //! journal batch, apply them, reply. Every `snapshot_every_events` events it commits a snapshot.
-//! After `idle_timeout` without messages, on `Stop`, or after `Delete`, it leaves the shard's
-//! directory and ends; messages that raced with that are routed to a new activation.
+//! After `idle_timeout` without messages (the shard's idle sweep asks), on `Stop`, or after
+//! `Delete`, it leaves the shard's directory and ends; messages that raced with that are routed
+//! to a new activation.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -72,6 +73,17 @@ struct Shared {
     committed: RwLock<Option<Committed>>,
     /// Up to which sequence number the state is durable; closed when the activation ends.
     durable: DurableMark,
+    /// When the entity last took a message ([`clock_ms`]), for the shard's idle sweep.
+    last_active: AtomicU64,
+}
+
+/// Milliseconds on tokio's clock since the first call: cheap to store in an atomic.
+fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// How far an activation's turns are durable, for readers that must not see state before it
@@ -172,6 +184,12 @@ impl EntityHandle {
         self.generation
     }
 
+    /// How long the entity has taken no message.
+    pub fn idle_for(&self) -> std::time::Duration {
+        let last = self.shared.last_active.load(Ordering::Relaxed);
+        std::time::Duration::from_millis(clock_ms().saturating_sub(last))
+    }
+
     /// Messages waiting in the mailbox.
     pub fn mailbox_len(&self) -> usize {
         self.mailbox.len()
@@ -215,6 +233,7 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         id: args.id,
         committed: RwLock::new(None),
         durable: DurableMark::new(),
+        last_active: AtomicU64::new(clock_ms()),
     });
     let durable_seq = DurablePublisher(shared.clone());
     let process = Process {
@@ -261,8 +280,6 @@ enum Wake {
     Durable(Result<(), StoreError>),
     /// A message, or `None` once every sender is gone.
     Message(Option<Box<Envelope>>),
-    /// No message for `idle_timeout`.
-    IdleTimeout,
 }
 
 /// What the loop does after a message.
@@ -429,22 +446,15 @@ impl Process {
                         Next::Exit => return,
                     }
                 }
-                Wake::IdleTimeout => {
-                    if self.inbox.is_empty() && !self.watched() {
-                        break;
-                    }
-                }
             }
         }
         self.passivate();
     }
 
-    /// With nothing in the output gate: the next message, or the idle timeout.
+    /// With nothing in the output gate: the next message. (Passivating an idle entity is the
+    /// shard's idle sweep, so an idle task holds no timer.)
     async fn wait_idle(&mut self) -> Wake {
-        tokio::select! {
-            envelope = self.inbox.recv() => Wake::Message(envelope),
-            () = tokio::time::sleep(self.config.idle_timeout) => Wake::IdleTimeout,
-        }
+        Wake::Message(self.inbox.recv().await)
     }
 
     /// With turns in the output gate: the oldest becoming durable (first), or a new message
@@ -564,6 +574,10 @@ impl Process {
     }
 
     async fn handle(&mut self, envelope: Envelope) -> Next {
+        if matches!(envelope.request, Request::Idle) {
+            return self.idle_check();
+        }
+        self.shared.last_active.store(clock_ms(), Ordering::Relaxed);
         if envelope.expired() {
             envelope.fail(EntityError::DeadlineExceeded(self.shared.id.clone()));
             return Next::Continue;
@@ -639,6 +653,8 @@ impl Process {
             } => Box::pin(self.accept_delivery(from, *message, reply)).await,
             Request::Redrive { id, reply } => Box::pin(self.redrive(id, reply)).await,
             Request::Wake => Next::Continue,
+            // Answered before the match.
+            Request::Idle => Next::Continue,
             Request::Watch { reply } => {
                 let subscribed = self.subscribe().await;
                 let _ = reply.send(subscribed);
@@ -663,6 +679,22 @@ impl Process {
                 let _ = reply.send(result);
                 Next::Passivate
             }
+        }
+    }
+
+    /// The shard's idle sweep asks: passivate if nothing happened for `idle_timeout`, nothing
+    /// waits (mailbox, durable inbox, output gate) and nobody watches.
+    fn idle_check(&self) -> Next {
+        let idle_ms = clock_ms().saturating_sub(self.shared.last_active.load(Ordering::Relaxed));
+        let idle = idle_ms >= self.config.idle_timeout.as_millis() as u64
+            && self.pending.is_empty()
+            && self.inbox.is_empty()
+            && !self.durables.has_inbox()
+            && !self.watched();
+        if idle {
+            Next::Passivate
+        } else {
+            Next::Continue
         }
     }
 

@@ -299,6 +299,17 @@ impl Shard {
         self.state.lock().directory.get(id).cloned()
     }
 
+    /// Active entities with an empty mailbox that took no message for at least `idle`.
+    pub fn idle_entities(&self, idle: std::time::Duration) -> Vec<EntityHandle> {
+        self.state
+            .lock()
+            .directory
+            .values()
+            .filter(|handle| handle.mailbox_len() == 0 && handle.idle_for() >= idle)
+            .cloned()
+            .collect()
+    }
+
     /// Every active entity's handle.
     pub fn active_handles(&self) -> Vec<EntityHandle> {
         self.state.lock().directory.values().cloned().collect()

@@ -102,6 +102,11 @@ impl Shards {
         let _ = context
             .postman
             .set(Postman::start(&context, context.cancel.clone()));
+        tokio::spawn(idle_sweep(
+            shards.iter().map(Arc::downgrade).collect(),
+            context.config.idle_timeout,
+            context.cancel.clone(),
+        ));
         for shard in &shards {
             tokio::spawn(timers::run(
                 context.clone(),
@@ -637,6 +642,38 @@ impl Shards {
                 name: entity_type.to_owned(),
                 known: self.context.registry.type_names().join(", "),
             })
+    }
+}
+
+/// Asks every entity that took no message for `idle_timeout` to passivate (it decides, at a
+/// turn boundary, whether it still is idle). One task for the server instead of a timer in
+/// every entity; passivation comes between `idle_timeout` and 1.25 × `idle_timeout` (at least
+/// 5 ms, at most 5 s) later.
+async fn idle_sweep(
+    shards: Vec<std::sync::Weak<Shard>>,
+    idle_timeout: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    let every = (idle_timeout / 4).clamp(
+        std::time::Duration::from_millis(5),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        for shard in &shards {
+            let Some(shard) = shard.upgrade() else { return };
+            for handle in shard.idle_entities(idle_timeout) {
+                let envelope = Envelope {
+                    request: Request::Idle,
+                    deadline: None,
+                };
+                // A full or closed mailbox means it is not idle (or gone): nothing to do.
+                let _ = handle.try_send(envelope);
+            }
+        }
     }
 }
 
