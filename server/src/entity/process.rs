@@ -276,8 +276,10 @@ enum Inbound {
 
 /// What woke the turn loop.
 enum Wake {
-    /// The oldest turn in the output gate is durable (or the journal failed).
-    Durable(Result<(), StoreError>),
+    /// The oldest turn in the output gate is durable.
+    Durable,
+    /// The journal failed; the queued turns were answered with the failure.
+    JournalFailed,
     /// A message, or `None` once every sender is gone.
     Message(Option<Box<Envelope>>),
 }
@@ -405,9 +407,9 @@ fn crash_reason(error: &EntityError) -> Option<String> {
 
 impl Process {
     async fn run(mut self: Box<Self>) {
-        if let Err(error) = Box::pin(self.activate()).await {
-            tracing::warn!(entity = %self.shared.id, %error, "activation failed");
-            Box::pin(self.fail_activation(error)).await;
+        // Boxed, like every await that is not the idle wait: what the task holds while it
+        // waits is what a million idle entities pay.
+        if !Box::pin(self.start()).await {
             return;
         }
         loop {
@@ -431,11 +433,8 @@ impl Process {
                 Box::pin(self.wait_busy()).await
             };
             match wake {
-                Wake::Durable(Err(error)) => {
-                    self.fail_pending(error);
-                    break;
-                }
-                Wake::Durable(Ok(())) => self.finish_front(),
+                Wake::JournalFailed => break,
+                Wake::Durable => self.finish_front(),
                 // Every sender is gone: the shard dropped this activation.
                 Wake::Message(None) => return,
                 Wake::Message(Some(envelope)) => {
@@ -462,9 +461,27 @@ impl Process {
     async fn wait_busy(&mut self) -> Wake {
         tokio::select! {
             biased;
-            durable = front_durable(&mut self.pending) => Wake::Durable(durable),
+            durable = front_durable(&mut self.pending) => match durable {
+                Ok(()) => Wake::Durable,
+                Err(error) => {
+                    self.fail_pending(error);
+                    Wake::JournalFailed
+                }
+            },
             envelope = self.inbox.recv(), if self.pending.len() < PENDING_TURNS_MAX => {
                 Wake::Message(envelope)
+            }
+        }
+    }
+
+    /// Activates the entity; on failure answers everything waiting and says so (false).
+    async fn start(&mut self) -> bool {
+        match self.activate().await {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(entity = %self.shared.id, %error, "activation failed");
+                self.fail_activation(error).await;
+                false
             }
         }
     }
