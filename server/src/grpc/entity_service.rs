@@ -12,8 +12,8 @@ use statehouse_proto::v1::{
 use statehouse_proto::value::{json_to_proto, proto_to_json};
 use std::pin::Pin;
 
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -135,15 +135,13 @@ impl EntityService for EntityApi {
         let (responses, outbound) = mpsc::channel(PIPELINE_IN_FLIGHT_MAX);
         let shards = self.shards.clone();
         tokio::spawn(async move {
-            let mut in_flight = JoinSet::new();
+            // Polled here rather than spawned: no task per call, one waker per stream.
+            let mut in_flight = FuturesUnordered::new();
             let mut reading = true;
             loop {
                 tokio::select! {
                     next = inbound.message(), if reading && in_flight.len() < PIPELINE_IN_FLIGHT_MAX => match next {
-                        Ok(Some(request)) => {
-                            let shards = shards.clone();
-                            in_flight.spawn(async move { pipeline_call(&shards, request, deadline).await });
-                        }
+                        Ok(Some(request)) => in_flight.push(pipeline_call(&shards, request, deadline)),
                         Ok(None) => reading = false,
                         Err(status) => {
                             // The client's side of the stream broke; nobody reads the answers.
@@ -151,16 +149,7 @@ impl EntityService for EntityApi {
                             break;
                         }
                     },
-                    Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                        let response = match done {
-                            Ok(response) => response,
-                            // A call task cannot panic (entity panics are caught in the
-                            // entity), but if one did, the stream says so and ends.
-                            Err(error) => {
-                                let _ = responses.send(Err(Status::internal(format!("pipeline call failed: {error}")))).await;
-                                break;
-                            }
-                        };
+                    Some(response) = in_flight.next(), if !in_flight.is_empty() => {
                         if responses.send(Ok(response)).await.is_err() {
                             break;
                         }
