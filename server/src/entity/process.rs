@@ -69,7 +69,8 @@ pub struct EntityHandle {
 /// State shared between the entity task and readers. `committed` is `None` until activation
 /// has loaded the entity; it only ever holds state whose events are durable.
 struct Shared {
-    id: EntityId,
+    /// Shared with the shard's directory, which keys the entity by it.
+    id: Arc<EntityId>,
     committed: RwLock<Option<Committed>>,
     /// Up to which sequence number the state is durable; closed when the activation ends.
     durable: DurableMark,
@@ -184,6 +185,11 @@ impl EntityHandle {
         self.generation
     }
 
+    /// The entity's address, shared (the directory keys the entity by it).
+    pub fn id(&self) -> &Arc<EntityId> {
+        &self.shared.id
+    }
+
     /// How long the entity has taken no message.
     pub fn idle_for(&self) -> std::time::Duration {
         let last = self.shared.last_active.load(Ordering::Relaxed);
@@ -210,7 +216,7 @@ impl EntityHandle {
                     seq: committed.seq,
                 })
                 .map_err(|e| EntityError::Crashed {
-                    entity: self.shared.id.clone(),
+                    entity: EntityId::clone(&self.shared.id),
                     reason: e.to_string(),
                 })
         };
@@ -230,7 +236,7 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
     let generation = args.generation;
     let (mailbox, inbox) = mailbox::mailbox(args.config.mailbox_capacity.max(1));
     let shared = Arc::new(Shared {
-        id: args.id,
+        id: Arc::new(args.id),
         committed: RwLock::new(None),
         durable: DurableMark::new(),
         last_active: AtomicU64::new(clock_ms()),
@@ -596,7 +602,9 @@ impl Process {
         }
         self.shared.last_active.store(clock_ms(), Ordering::Relaxed);
         if envelope.expired() {
-            envelope.fail(EntityError::DeadlineExceeded(self.shared.id.clone()));
+            envelope.fail(EntityError::DeadlineExceeded(EntityId::clone(
+                &self.shared.id,
+            )));
             return Next::Continue;
         }
         let turn = matches!(
@@ -689,7 +697,7 @@ impl Process {
                     Box::pin(self.delete()).await
                 } else {
                     Err(EntityError::StorageUnavailable {
-                        entity: self.shared.id.clone(),
+                        entity: EntityId::clone(&self.shared.id),
                         reason: "the journal failed".into(),
                     })
                 };
@@ -1344,7 +1352,7 @@ impl Process {
                 }
                 Effect::Request { to, message, tag } => {
                     let kind = MessageKind::Call {
-                        reply_to: self.shared.id.clone(),
+                        reply_to: EntityId::clone(&self.shared.id),
                         tag: tag.clone(),
                     };
                     sends.push((to.clone(), kind, message.clone()));
@@ -1484,7 +1492,7 @@ impl Process {
     async fn subscribe(&mut self) -> Result<Subscription, EntityError> {
         if !self.drain().await {
             return Err(EntityError::StorageUnavailable {
-                entity: self.shared.id.clone(),
+                entity: EntityId::clone(&self.shared.id),
                 reason: "the journal failed".into(),
             });
         }
@@ -1529,7 +1537,7 @@ impl Process {
         match outcome {
             Ok(Ok(turn)) => Ok(turn),
             Ok(Err(BehaviourError::InvalidMessage(reason))) => Err(EntityError::InvalidMessage {
-                entity: self.shared.id.clone(),
+                entity: EntityId::clone(&self.shared.id),
                 reason,
             }),
             Ok(Err(error)) => Err(self.crashed(error.to_string())),
@@ -1639,7 +1647,7 @@ impl Process {
     async fn submit(&self, ops: Vec<Op>) -> Result<Durable, EntityError> {
         let batch = EntityBatch {
             shard: self.shard,
-            entity: self.shared.id.clone(),
+            entity: EntityId::clone(&self.shared.id),
             ops,
         };
         self.store
@@ -1651,7 +1659,7 @@ impl Process {
     async fn commit(&self, ops: Vec<Op>) -> Result<(), EntityError> {
         let batch = EntityBatch {
             shard: self.shard,
-            entity: self.shared.id.clone(),
+            entity: EntityId::clone(&self.shared.id),
             ops,
         };
         self.store
@@ -1670,8 +1678,11 @@ impl Process {
         self.host.exited(&self.shared.id, self.generation, exit);
         self.inbox.close();
         while let Ok(envelope) = self.inbox.try_recv().map(|envelope| *envelope) {
-            self.host
-                .reroute(self.shared.id.clone(), self.behaviour.clone(), envelope);
+            self.host.reroute(
+                EntityId::clone(&self.shared.id),
+                self.behaviour.clone(),
+                envelope,
+            );
         }
     }
 
@@ -1707,7 +1718,7 @@ impl Process {
 
     fn crashed(&self, reason: String) -> EntityError {
         EntityError::Crashed {
-            entity: self.shared.id.clone(),
+            entity: EntityId::clone(&self.shared.id),
             reason,
         }
     }

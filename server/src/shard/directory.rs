@@ -158,7 +158,8 @@ struct Quarantine {
 
 /// Everything the shard's mutex guards.
 struct ShardState {
-    directory: HashMap<EntityId, EntityHandle>,
+    /// Keyed by the address the entity's process shares (one copy of it per entity).
+    directory: HashMap<Arc<EntityId>, EntityHandle>,
     crashes: HashMap<EntityId, CrashRecord>,
     quarantined: HashMap<EntityId, Quarantine>,
     /// Escalations (quarantines) within the shard's intensity window.
@@ -236,7 +237,7 @@ impl Shard {
                     Some(handle) => handle.clone(),
                     None => {
                         let handle = self.activate(id, behaviour);
-                        state.directory.insert(id.clone(), handle.clone());
+                        state.directory.insert(handle.id().clone(), handle.clone());
                         handle
                     }
                 }
@@ -412,7 +413,7 @@ impl Shard {
     /// lazily from disk afterwards. Called with the state lock held.
     fn restart(&self, state: &mut ShardState, reason: &str) {
         let now = Instant::now();
-        let killed: Vec<(EntityId, EntityHandle)> = state.directory.drain().collect();
+        let killed: Vec<(Arc<EntityId>, EntityHandle)> = state.directory.drain().collect();
         for (id, handle) in killed {
             handle.abort();
             self.fire_monitors(state, &id, "crashed", reason);
