@@ -145,34 +145,21 @@ impl<T> MailboxReceiver<T> {
 
     /// Polls for the next message, registering the task to be woken when one arrives.
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
-        let message = {
-            let mut queue = self.shared.queue.lock();
-            match queue.items.pop_front() {
-                Some(message) => {
-                    if queue.items.is_empty() {
-                        queue.items = VecDeque::new();
-                    }
-                    message
-                }
-                None if queue.closed || self.shared.senders.load(Ordering::Acquire) == 0 => {
-                    return Poll::Ready(None);
-                }
-                None => {
-                    // Under the lock: a later send or last sender's drop finds this waker.
-                    match &queue.receiver {
-                        Some(waker) if waker.will_wake(cx.waker()) => {}
-                        _ => queue.receiver = Some(cx.waker().clone()),
-                    }
-                    return Poll::Pending;
-                }
-            }
-        };
-        self.shared.room.notify_one();
-        Poll::Ready(Some(message))
+        match self.take(Some(cx)) {
+            Ok(message) => Poll::Ready(Some(message)),
+            Err(TryRecvError::Disconnected) => Poll::Ready(None),
+            Err(TryRecvError::Empty) => Poll::Pending,
+        }
     }
 
     /// The next message if there is one.
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
+        self.take(None)
+    }
+
+    /// Takes the next message; when there is none and `cx` is given, registers its waker
+    /// under the lock, so a later send or the last sender's drop finds it.
+    fn take(&mut self, cx: Option<&mut Context<'_>>) -> Result<T, TryRecvError> {
         let message = {
             let mut queue = self.shared.queue.lock();
             match queue.items.pop_front() {
@@ -186,7 +173,15 @@ impl<T> MailboxReceiver<T> {
                 None if queue.closed || self.shared.senders.load(Ordering::Acquire) == 0 => {
                     return Err(TryRecvError::Disconnected)
                 }
-                None => return Err(TryRecvError::Empty),
+                None => {
+                    if let Some(cx) = cx {
+                        match &queue.receiver {
+                            Some(waker) if waker.will_wake(cx.waker()) => {}
+                            _ => queue.receiver = Some(cx.waker().clone()),
+                        }
+                    }
+                    return Err(TryRecvError::Empty);
+                }
             }
         };
         self.shared.room.notify_one();
