@@ -898,12 +898,14 @@ impl Process {
         }
         match self.run_handler(Inbound::Info(info)) {
             Ok(turn) => {
+                self.attempts.remove(&what);
                 self.durables.cancel_timer(&name, &mut consume);
                 let (pending, crash) = self.commit_turn(turn, consume, None, Vec::new()).await;
                 self.settle(pending, crash).await
             }
             Err(EntityError::InvalidMessage { reason, .. }) => {
                 tracing::warn!(entity = %self.shared.id, timer = %name, %reason, "the behaviour refused its timer; the timer is consumed");
+                self.attempts.remove(&what);
                 self.durables.cancel_timer(&name, &mut consume);
                 let (pending, crash) = self
                     .commit_turn(Turn::reply(Value::Null), consume, None, Vec::new())
@@ -1019,6 +1021,7 @@ impl Process {
         match &crash {
             Some(reason) => self.count_crash(what, reason),
             None => {
+                self.attempts.remove(&what);
                 self.durables.cache_seq(RecordKind::Receipt, from, pair_seq);
             }
         }
@@ -1098,6 +1101,7 @@ impl Process {
         match &crash {
             Some(reason) => self.count_crash(what, reason),
             None => {
+                self.attempts.remove(&what);
                 self.durables.pop_inbox();
             }
         }
