@@ -40,6 +40,7 @@
 pub mod admin;
 pub mod bench;
 pub mod client;
+pub mod coordination;
 pub mod counter;
 pub mod error;
 pub mod kv;
@@ -53,6 +54,9 @@ pub mod watch;
 pub use admin::{DeadLetter, DeadLetterPage};
 pub use client::{
     CallOptions, CallOutcome, CastOptions, CastOutcome, Client, EntityState, ListPage,
+};
+pub use coordination::{
+    Acquired, Lease, LeaseState, Queue, QueueItem, QueueLength, RateDecision, RateLimiter,
 };
 pub use counter::Counter;
 pub use error::{code_name, ClientError};

@@ -246,3 +246,63 @@ async fn the_rate_limiter_holds_its_rate() {
         "{allowed} allowed in {elapsed:.2} s, far under the rate"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_has_typed_handles_for_the_coordination_built_ins() {
+    use statehouse_client::Acquired;
+
+    let server = TestServer::start();
+    let client = server.client().await;
+
+    let queue = client.queue("typed");
+    let first = queue.push(json!({"job": 1})).await.unwrap();
+    let second = queue.push(json!({"job": 2})).await.unwrap();
+    assert!(second > first);
+    let popped = queue
+        .pop(Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((popped.id, popped.item.clone()), (first, json!({"job": 1})));
+    assert!(popped.deadline_ms.is_some());
+    assert_eq!(queue.peek().await.unwrap().map(|i| i.id), Some(second));
+    let length = queue.length().await.unwrap();
+    assert_eq!((length.length, length.in_flight), (1, 1));
+    assert!(queue.nack(first).await.unwrap());
+    let again = queue.pop(None).await.unwrap().unwrap();
+    assert_eq!(again.id, first, "a nacked item is back at the head");
+    assert!(
+        !queue.ack(first).await.unwrap(),
+        "popped without visibility: nothing to ack"
+    );
+
+    let lease = client.lease("typed");
+    let Acquired::Granted { token, .. } =
+        lease.acquire("a", Duration::from_secs(60)).await.unwrap()
+    else {
+        panic!("a free lease is granted");
+    };
+    match lease.acquire("b", Duration::from_secs(60)).await.unwrap() {
+        Acquired::Held { holder, .. } => assert_eq!(holder, "a"),
+        other => panic!("held by a, got {other:?}"),
+    }
+    assert!(lease
+        .renew("a", token, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_ok());
+    assert!(lease
+        .renew("b", token, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_err());
+    assert!(lease.release("a", token).await.unwrap());
+    let state = lease.get().await.unwrap();
+    assert_eq!((state.holder, state.last_token), (None, token));
+
+    let limiter = client.rate_limiter("typed");
+    let first = limiter.acquire(1, 1.0, 1).await.unwrap();
+    assert!(first.allowed);
+    let second = limiter.acquire(1, 1.0, 1).await.unwrap();
+    assert!(!second.allowed && second.retry_after_ms > 0, "{second:?}");
+}
