@@ -41,7 +41,7 @@ pub(super) struct Durables {
 
 /// What [`Durables`] holds once an entity has any durable record.
 #[derive(Default)]
-struct Records {
+pub(super) struct Records {
     /// Pending timers by name.
     pub timers: HashMap<String, TimerRecord>,
     dedup: HashMap<String, DedupRecord>,
@@ -76,31 +76,15 @@ impl Durables {
         })
     }
 
-    fn records(&mut self) -> &mut Records {
-        self.records.get_or_insert_with(|| {
-            Box::new(Records {
-                next_inbox_seq: 1,
-                ..Records::default()
-            })
-        })
+    /// The records, allocated on first use: setting timers, storing replies and accepting
+    /// inbox items go through here.
+    pub fn records_mut(&mut self) -> &mut Records {
+        self.records.get_or_insert_with(Box::default)
     }
 
     /// The stored reply of `request_id`, if it is within the retention window.
     pub fn stored_reply(&self, request_id: &str) -> Option<&DedupRecord> {
         self.records.as_ref()?.dedup.get(request_id)
-    }
-
-    /// See [`Records::store_reply`].
-    pub fn store_reply(
-        &mut self,
-        id: &EntityId,
-        request_id: &str,
-        record: DedupRecord,
-        config: &EntityConfig,
-        ops: &mut Vec<Op>,
-    ) -> Result<(), EntityError> {
-        self.records()
-            .store_reply(id, request_id, record, config, ops)
     }
 
     /// Ops owed from activation (expired stored replies), to add to the next batch.
@@ -116,30 +100,9 @@ impl Durables {
         self.records.as_ref()?.timers.get(name)
     }
 
-    /// See [`Records::set_timer`].
-    pub fn set_timer(
-        &mut self,
-        id: &EntityId,
-        name: String,
-        record: TimerRecord,
-        ops: &mut Vec<Op>,
-    ) -> Result<(), EntityError> {
-        self.records().set_timer(id, name, record, ops)
-    }
-
     /// Cancels (or consumes, when it fires) timer `name`; nothing if it is not pending.
     pub fn cancel_timer(&mut self, name: &str, ops: &mut Vec<Op>) -> Option<TimerRecord> {
         self.records.as_mut()?.cancel_timer(name, ops)
-    }
-
-    /// Accepts a message into the inbox; returns its inbox sequence number.
-    pub fn accept_into_inbox(
-        &mut self,
-        id: &EntityId,
-        item: InboxItem,
-        ops: &mut Vec<Op>,
-    ) -> Result<u64, EntityError> {
-        self.records().accept_into_inbox(id, item, ops)
     }
 
     /// The oldest accepted inbox item not yet handled.
@@ -170,7 +133,7 @@ impl Durables {
 
     /// Caches the sequence number of a peer (`Receipt` or `SendSeq`).
     pub fn cache_seq(&mut self, kind: RecordKind, peer: EntityId, seq: u64) {
-        let records = self.records();
+        let records = self.records_mut();
         match kind {
             RecordKind::Receipt => records.receipts.insert(peer, seq),
             _ => records.send_seqs.insert(peer, seq),
@@ -193,10 +156,7 @@ impl Records {
         now_ms: u64,
         config: &EntityConfig,
     ) -> Result<Self, EntityError> {
-        let mut durables = Records {
-            next_inbox_seq: 1,
-            ..Records::default()
-        };
+        let mut durables = Records::default();
         let mut dedup: Vec<(String, DedupRecord)> = Vec::new();
         for entry in records {
             let name = || String::from_utf8_lossy(&entry.name).into_owned();
@@ -394,13 +354,16 @@ mod tests {
         let mut durables = Durables::default();
         let mut ops = Vec::new();
         durables
+            .records_mut()
             .store_reply(&id, "a", reply(10), &config, &mut ops)
             .unwrap();
         durables
+            .records_mut()
             .store_reply(&id, "b", reply(20), &config, &mut ops)
             .unwrap();
         ops.clear();
         durables
+            .records_mut()
             .store_reply(&id, "c", reply(30), &config, &mut ops)
             .unwrap();
         assert!(durables.stored_reply("a").is_none());
@@ -411,6 +374,7 @@ mod tests {
         ops.clear();
         // Past the window: b and c go when d is stored.
         durables
+            .records_mut()
             .store_reply(&id, "d", reply(1031), &config, &mut ops)
             .unwrap();
         assert!(durables.stored_reply("b").is_none());
@@ -450,10 +414,12 @@ mod tests {
             payload: json!(null),
         };
         durables
+            .records_mut()
             .set_timer(&id, "t".into(), timer(10), &mut ops)
             .unwrap();
         ops.clear();
         durables
+            .records_mut()
             .set_timer(&id, "t".into(), timer(20), &mut ops)
             .unwrap();
         assert!(ops.contains(&Op::RemoveTimerDue {
@@ -466,6 +432,7 @@ mod tests {
         }));
         assert_eq!(durables.timer("t").map(|t| t.due_ms), Some(20));
         assert!(durables
+            .records_mut()
             .set_timer(&id, String::new(), timer(1), &mut ops)
             .is_err());
     }

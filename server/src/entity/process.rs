@@ -121,26 +121,18 @@ impl DurableMark {
             changed.await;
         }
     }
-}
 
-/// The activation's side of its [`DurableMark`]: advances it, and closes it when dropped
-/// (when the activation's task ends, however it ends).
-struct DurablePublisher(Arc<Shared>);
-
-impl DurablePublisher {
+    /// The activation made everything up to `seq` durable.
     fn advance(&self, seq: u64) {
-        let mark = &self.0.durable;
-        if mark.seq.fetch_max(seq, Ordering::AcqRel) < seq {
-            mark.changed.notify_waiters();
+        if self.seq.fetch_max(seq, Ordering::AcqRel) < seq {
+            self.changed.notify_waiters();
         }
     }
-}
 
-impl Drop for DurablePublisher {
-    fn drop(&mut self) {
-        let mark = &self.0.durable;
-        mark.closed.store(true, Ordering::Release);
-        mark.changed.notify_waiters();
+    /// The activation ended.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.changed.notify_waiters();
     }
 }
 
@@ -241,7 +233,6 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         durable: DurableMark::new(),
         last_active: AtomicU64::new(clock_ms()),
     });
-    let durable_seq = DurablePublisher(shared.clone());
     let process = Process {
         shard: args.shard,
         generation,
@@ -257,7 +248,6 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         events_since_snapshot: 0,
         deleted: false,
         pending: VecDeque::new(),
-        durable_seq,
         watchers: None,
         durables: Durables::default(),
         attempts: HashMap::new(),
@@ -320,8 +310,6 @@ struct Process {
     deleted: bool,
     /// The output gate: turns whose answers wait for their batch to be durable, oldest first.
     pending: VecDeque<Pending>,
-    /// The sequence number up to which this activation's events are durable (for `Get`).
-    durable_seq: DurablePublisher,
     /// Watchers' feed, made on the first `Watch` (a broadcast channel allocates its ring).
     watchers: Option<broadcast::Sender<Arc<WatchedTurn>>>,
     /// Timers, stored replies, the durable inbox: reloaded with the state at each activation.
@@ -337,6 +325,32 @@ enum DurableRef {
     Timer { name: String, due_ms: u64 },
     Inbox(u64),
     Message { from: EntityId, pair_seq: u64 },
+}
+
+/// How running a durable message went.
+enum Ran {
+    /// The handler ran (or refused it); its batch consumes the message.
+    Handled,
+    /// It crashed too often and its batch moves it to a dead letter.
+    DeadLettered,
+    /// The handler crashed: nothing was written.
+    Crashed(String),
+    /// The dead letter could not be built: nothing was written.
+    NotWritten,
+}
+
+impl Ran {
+    /// Whether the batch consumes the message.
+    fn consumed(&self) -> bool {
+        matches!(self, Ran::Handled | Ran::DeadLettered)
+    }
+
+    fn crash(self) -> Option<String> {
+        match self {
+            Ran::Crashed(reason) => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 /// Who waits for a queued turn's answer.
@@ -395,6 +409,17 @@ struct Pending {
     watched: Option<Arc<WatchedTurn>>,
 }
 
+/// A turn's journal batch, and what happens once it is durable.
+struct TurnBatch {
+    ops: Vec<Op>,
+    /// Messages to hand to the postman.
+    posts: Vec<OutboxMessage>,
+    /// The earliest timer set, to announce to the shard.
+    timer_due: Option<u64>,
+    /// Effects run after durability (monitors).
+    effects: Vec<Effect>,
+}
+
 /// Waits until the oldest queued turn is durable.
 async fn front_durable(pending: &mut VecDeque<Pending>) -> Result<(), StoreError> {
     match pending.front_mut().and_then(|p| p.durable.as_mut()) {
@@ -408,6 +433,13 @@ fn crash_reason(error: &EntityError) -> Option<String> {
     match error {
         EntityError::Crashed { reason, .. } => Some(reason.clone()),
         _ => None,
+    }
+}
+
+impl Drop for Process {
+    /// However the activation ends, readers waiting for durability through it stop waiting.
+    fn drop(&mut self) {
+        self.shared.durable.close();
     }
 }
 
@@ -597,10 +629,10 @@ impl Process {
     }
 
     async fn handle(&mut self, envelope: Envelope) -> Next {
-        if matches!(envelope.request, Request::Idle) {
-            return self.idle_check();
+        // The idle sweep's question is not activity.
+        if !matches!(envelope.request, Request::Idle) {
+            self.shared.last_active.store(clock_ms(), Ordering::Relaxed);
         }
-        self.shared.last_active.store(clock_ms(), Ordering::Relaxed);
         if envelope.expired() {
             envelope.fail(EntityError::DeadlineExceeded(EntityId::clone(
                 &self.shared.id,
@@ -678,8 +710,7 @@ impl Process {
             } => Box::pin(self.accept_delivery(from, *message, reply)).await,
             Request::Redrive { id, reply } => Box::pin(self.redrive(id, reply)).await,
             Request::Wake => Next::Continue,
-            // Answered before the match.
-            Request::Idle => Next::Continue,
+            Request::Idle => self.idle_check(),
             Request::Watch { reply } => {
                 let subscribed = self.subscribe().await;
                 let _ = reply.send(subscribed);
@@ -737,8 +768,7 @@ impl Process {
     /// Queues an answer that needs no batch of its own (it still waits behind the turns
     /// before it, whose effects it may report).
     fn answer_now(&mut self, answer: Answer, outcome: Result<CallReply, EntityError>) -> Next {
-        let mut pending = self.answered(outcome);
-        pending.answer = answer;
+        let pending = self.answering(answer, outcome);
         self.pending.push_back(pending);
         self.finish_ready();
         Next::Continue
@@ -767,6 +797,7 @@ impl Process {
         };
         let accepted = self
             .durables
+            .records_mut()
             .accept_into_inbox(&self.shared.id, item, &mut ops)
             .and_then(|_| match &request_id {
                 Some(request_id) => {
@@ -775,7 +806,7 @@ impl Process {
                         seq: self.seq,
                         reply: Value::Null,
                     };
-                    self.durables.store_reply(
+                    self.durables.records_mut().store_reply(
                         &self.shared.id,
                         request_id,
                         record,
@@ -785,34 +816,31 @@ impl Process {
                 }
                 None => Ok(()),
             });
-        let pending = match accepted {
-            Ok(()) => {
-                self.pending_write(ops, Answer::Accepted(reply, false))
-                    .await
-            }
-            Err(error) => {
-                let mut pending = self.answered(Err(error));
-                pending.answer = Answer::Accepted(reply, false);
-                pending
-            }
-        };
+        let pending = self
+            .write_prepared(accepted, ops, Answer::Accepted(reply, false))
+            .await;
         self.settle(pending, None).await
     }
 
-    /// A queued answer for a batch the engine writes itself (no handler ran).
-    async fn pending_write(&mut self, ops: Vec<Op>, answer: Answer) -> Pending {
-        let outcome = match self.submit(ops).await {
+    /// A queued answer for a batch the engine writes itself (no handler ran), once
+    /// `prepared` (building the batch) succeeded; otherwise `answer` hears why not.
+    async fn write_prepared(
+        &mut self,
+        prepared: Result<(), EntityError>,
+        ops: Vec<Op>,
+        answer: Answer,
+    ) -> Pending {
+        if let Err(error) = prepared {
+            return self.answering(answer, Err(error));
+        }
+        match self.submit(ops).await {
             Ok(durable) => {
-                let mut pending = self.answered(Ok(self.no_reply()));
+                let mut pending = self.answering(answer, Ok(self.no_reply()));
                 pending.durable = Some(durable);
-                pending.answer = answer;
-                return pending;
+                pending
             }
-            Err(error) => Err(error),
-        };
-        let mut pending = self.answered(outcome);
-        pending.answer = answer;
-        pending
+            Err(error) => self.answering(answer, Err(error)),
+        }
     }
 
     fn no_reply(&self) -> CallReply {
@@ -844,7 +872,7 @@ impl Process {
         kind: &str,
         item: InboxItem,
         ops: &mut Vec<Op>,
-    ) -> Result<String, EntityError> {
+    ) -> Result<(), EntityError> {
         let (attempts, reason) = self.attempts.remove(what).unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -863,7 +891,41 @@ impl Process {
             name: id.as_bytes().to_vec(),
             value: records::encode(&self.shared.id, &record)?,
         });
-        Ok(id)
+        Ok(())
+    }
+
+    /// Runs a durable message (a due timer, a message from an entity, an inbox item) whose
+    /// handling `consume` records: past its crash budget it becomes a dead letter instead
+    /// (of kind `kind`); otherwise the handler its kind names runs, and its crashes are
+    /// counted.
+    async fn run_durable(
+        &mut self,
+        what: DurableRef,
+        kind: &str,
+        item: InboxItem,
+        mut consume: Vec<Op>,
+    ) -> (Pending, Ran) {
+        if self.exhausted(&what) {
+            let prepared = self.dead_letter_ops(&what, kind, item, &mut consume);
+            let ran = if prepared.is_ok() {
+                Ran::DeadLettered
+            } else {
+                Ran::NotWritten
+            };
+            let pending = self.write_prepared(prepared, consume, Answer::None).await;
+            return (pending, ran);
+        }
+        let (pending, crash) = self.handle_item(item, consume).await;
+        match crash {
+            Some(reason) => {
+                self.count_crash(what, &reason);
+                (pending, Ran::Crashed(reason))
+            }
+            None => {
+                self.attempts.remove(&what);
+                (pending, Ran::Handled)
+            }
+        }
     }
 
     /// Runs a due timer through the info handler; the timer is consumed in the turn's batch.
@@ -881,46 +943,16 @@ impl Process {
             name: name.clone(),
             due_ms,
         };
-        let info = timer_message(&name, timer.payload, due_ms);
+        let item = InboxItem {
+            kind: MessageKind::Info,
+            message: timer_message(&name, timer.payload, due_ms),
+            origin: format!("timer:{name}"),
+        };
+        // Consumed in the batch whatever happens but a crash, which reloads the timers.
         let mut consume = Vec::new();
-        if self.exhausted(&what) {
-            self.durables.cancel_timer(&name, &mut consume);
-            let item = InboxItem {
-                kind: MessageKind::Info,
-                message: info,
-                origin: format!("timer:{name}"),
-            };
-            let pending = match self.dead_letter_ops(&what, "timer", item, &mut consume) {
-                Ok(_) => self.pending_write(consume, Answer::None).await,
-                Err(error) => self.answered(Err(error)),
-            };
-            return self.settle(pending, None).await;
-        }
-        match self.run_handler(Inbound::Info(info)) {
-            Ok(turn) => {
-                self.attempts.remove(&what);
-                self.durables.cancel_timer(&name, &mut consume);
-                let (pending, crash) = self.commit_turn(turn, consume, None, Vec::new()).await;
-                self.settle(pending, crash).await
-            }
-            Err(EntityError::InvalidMessage { reason, .. }) => {
-                tracing::warn!(entity = %self.shared.id, timer = %name, %reason, "the behaviour refused its timer; the timer is consumed");
-                self.attempts.remove(&what);
-                self.durables.cancel_timer(&name, &mut consume);
-                let (pending, crash) = self
-                    .commit_turn(Turn::reply(Value::Null), consume, None, Vec::new())
-                    .await;
-                self.settle(pending, crash).await
-            }
-            Err(error) => {
-                let crash = crash_reason(&error);
-                if let Some(reason) = &crash {
-                    self.count_crash(what, reason);
-                }
-                let pending = self.answered(Err(error));
-                self.settle(pending, crash).await
-            }
-        }
+        self.durables.cancel_timer(&name, &mut consume);
+        let (pending, ran) = self.run_durable(what, "timer", item, consume).await;
+        self.settle(pending, ran.crash()).await
     }
 
     /// The last message sequence number accepted from `from` (0: none yet).
@@ -991,42 +1023,31 @@ impl Process {
             from: from.clone(),
             pair_seq,
         };
-        let mut receipt = vec![Op::PutRecord {
+        let receipt = vec![Op::PutRecord {
             kind: RecordKind::Receipt,
             name: records::address_name(&from),
             value: records::encode_seq(pair_seq),
         }];
+        let kind = match message.kind {
+            MessageKind::Cast => "send",
+            MessageKind::Call { .. } => "request",
+            MessageKind::Info => "reply",
+        };
         let item = InboxItem {
             kind: message.kind,
             message: message.message,
             origin: from.to_string(),
         };
-        if self.exhausted(&what) {
-            let kind = match item.kind {
-                MessageKind::Cast => "send",
-                MessageKind::Call { .. } => "request",
-                MessageKind::Info => "reply",
-            };
-            let pending = match self.dead_letter_ops(&what, kind, item, &mut receipt) {
-                Ok(_) => {
-                    self.durables.cache_seq(RecordKind::Receipt, from, pair_seq);
-                    self.pending_write(receipt, Answer::Delivered(reply, DeliveryAck::DeadLettered))
-                        .await
-                }
-                Err(error) => self.answered(Err(error)),
-            };
-            return self.settle(pending, None).await;
+        let (mut pending, ran) = self.run_durable(what, kind, item, receipt).await;
+        let ack = match ran {
+            Ran::DeadLettered => DeliveryAck::DeadLettered,
+            _ => DeliveryAck::Accepted,
+        };
+        if ran.consumed() {
+            self.durables.cache_seq(RecordKind::Receipt, from, pair_seq);
         }
-        let (mut pending, crash) = self.handle_item(item, receipt).await;
-        match &crash {
-            Some(reason) => self.count_crash(what, reason),
-            None => {
-                self.attempts.remove(&what);
-                self.durables.cache_seq(RecordKind::Receipt, from, pair_seq);
-            }
-        }
-        pending.answer = Answer::Delivered(reply, DeliveryAck::Accepted);
-        self.settle(pending, crash).await
+        pending.answer = Answer::Delivered(reply, ack);
+        self.settle(pending, ran.crash()).await
     }
 
     /// Runs an accepted durable message through the handler its kind names, committing
@@ -1044,35 +1065,28 @@ impl Process {
                 (Inbound::Message(item.message), Some((reply_to, tag)))
             }
         };
-        match self.run_handler(inbound) {
-            Ok(turn) => {
-                let replies = reply_to
-                    .map(|(to, tag)| {
-                        let answer = reply_message(&self.shared.id, tag, Ok(turn.reply.clone()));
-                        (to, answer)
-                    })
-                    .into_iter()
-                    .collect();
-                self.commit_turn(turn, consume, None, replies).await
-            }
+        let (turn, refused) = match self.run_handler(inbound) {
+            Ok(turn) => (turn, None),
             Err(EntityError::InvalidMessage { reason, .. }) => {
                 tracing::warn!(entity = %self.shared.id, origin = %item.origin, %reason, "durable message refused by the behaviour; it is consumed");
-                let replies = reply_to
-                    .map(|(to, tag)| {
-                        let answer =
-                            reply_message(&self.shared.id, tag, Err(("invalid_argument", &reason)));
-                        (to, answer)
-                    })
-                    .into_iter()
-                    .collect();
-                self.commit_turn(Turn::reply(Value::Null), consume, None, replies)
-                    .await
+                (Turn::reply(Value::Null), Some(reason))
             }
             Err(error) => {
                 let crash = crash_reason(&error);
-                (self.answered(Err(error)), crash)
+                return (self.answered(Err(error)), crash);
             }
-        }
+        };
+        let replies = reply_to
+            .map(|(to, tag)| {
+                let outcome = match &refused {
+                    None => Ok(turn.reply.clone()),
+                    Some(reason) => Err(("invalid_argument", reason.as_str())),
+                };
+                (to, reply_message(&self.shared.id, tag, outcome))
+            })
+            .into_iter()
+            .collect();
+        self.commit_turn(turn, consume, None, replies).await
     }
 
     /// Handles the oldest accepted inbox item; a crash leaves it in the inbox (and storage).
@@ -1084,28 +1098,17 @@ impl Process {
             let reason = format!("upgrade to the active version failed: {reason}");
             return Box::pin(self.on_crash(reason)).await;
         }
-        let what = DurableRef::Inbox(seq);
-        let mut consume = vec![Op::RemoveRecord {
+        let consume = vec![Op::RemoveRecord {
             kind: RecordKind::Inbox,
             name: records::inbox_name(seq),
         }];
-        if self.exhausted(&what) {
+        let (pending, ran) = self
+            .run_durable(DurableRef::Inbox(seq), "durable_cast", item, consume)
+            .await;
+        if ran.consumed() {
             self.durables.pop_inbox();
-            let pending = match self.dead_letter_ops(&what, "durable_cast", item, &mut consume) {
-                Ok(_) => self.pending_write(consume, Answer::None).await,
-                Err(error) => self.answered(Err(error)),
-            };
-            return self.settle(pending, None).await;
         }
-        let (pending, crash) = self.handle_item(item, consume).await;
-        match &crash {
-            Some(reason) => self.count_crash(what, reason),
-            None => {
-                self.attempts.remove(&what);
-                self.durables.pop_inbox();
-            }
-        }
-        self.settle(pending, crash).await
+        self.settle(pending, ran.crash()).await
     }
 
     /// Moves dead letter `id` back into the inbox.
@@ -1147,17 +1150,14 @@ impl Process {
             kind: RecordKind::DeadLetter,
             name: id.into_bytes(),
         }];
-        let pending = match self
+        let accepted = self
             .durables
+            .records_mut()
             .accept_into_inbox(&self.shared.id, record.item, &mut ops)
-        {
-            Ok(_) => self.pending_write(ops, Answer::Accepted(reply, true)).await,
-            Err(error) => {
-                let mut pending = self.answered(Err(error));
-                pending.answer = Answer::Accepted(reply, true);
-                pending
-            }
-        };
+            .map(|_| ());
+        let pending = self
+            .write_prepared(accepted, ops, Answer::Accepted(reply, true))
+            .await;
         self.settle(pending, None).await
     }
 
@@ -1199,7 +1199,7 @@ impl Process {
         let Some(done) = self.pending.pop_front() else {
             return;
         };
-        self.durable_seq.advance(done.seq);
+        self.shared.durable.advance(done.seq);
         for effect in done.effects {
             match effect {
                 Effect::Monitor(target) => self.host.monitor(&self.shared.id, &target),
@@ -1300,9 +1300,7 @@ impl Process {
         replies: Vec<(EntityId, Value)>,
     ) -> (Pending, Option<String>) {
         match self.turn_ops(&turn, consume, request_id, replies).await {
-            Ok((ops, posts, timer_due, effects)) => {
-                self.submit_turn(turn, ops, posts, timer_due, effects).await
-            }
+            Ok(batch) => self.submit_turn(turn, batch).await,
             Err(error) => {
                 let crash = crash_reason(&error);
                 (self.answered(Err(error)), crash)
@@ -1311,14 +1309,13 @@ impl Process {
     }
 
     /// The ops of a turn's batch, in order, and what happens once it is durable.
-    #[allow(clippy::type_complexity)]
     async fn turn_ops(
         &mut self,
         turn: &Turn,
         consume: Vec<Op>,
         request_id: Option<&str>,
         replies: Vec<(EntityId, Value)>,
-    ) -> Result<(Vec<Op>, Vec<OutboxMessage>, Option<u64>, Vec<Effect>), EntityError> {
+    ) -> Result<TurnBatch, EntityError> {
         let now = now_unix_ms();
         let version = self.behaviour.version();
         let mut ops = Vec::with_capacity(turn.events.len() + consume.len());
@@ -1344,8 +1341,12 @@ impl Process {
                         due_ms,
                         payload: payload.clone(),
                     };
-                    self.durables
-                        .set_timer(&self.shared.id, name.clone(), record, &mut ops)?;
+                    self.durables.records_mut().set_timer(
+                        &self.shared.id,
+                        name.clone(),
+                        record,
+                        &mut ops,
+                    )?;
                     timer_due = Some(timer_due.map_or(due_ms, |d| d.min(due_ms)));
                 }
                 Effect::CancelTimer { name } => {
@@ -1402,7 +1403,7 @@ impl Process {
                     seq: self.seq + turn.events.len() as u64,
                     reply: turn.reply.clone(),
                 };
-                self.durables.store_reply(
+                self.durables.records_mut().store_reply(
                     &self.shared.id,
                     request_id,
                     record,
@@ -1411,18 +1412,22 @@ impl Process {
                 )?;
             }
         }
-        Ok((ops, posts, timer_due, after))
+        Ok(TurnBatch {
+            ops,
+            posts,
+            timer_due,
+            effects: after,
+        })
     }
 
     /// Hands a turn's batch to the journal, applies its events, and queues its answer.
-    async fn submit_turn(
-        &mut self,
-        turn: Turn,
-        ops: Vec<Op>,
-        posts: Vec<OutboxMessage>,
-        timer_due: Option<u64>,
-        effects: Vec<Effect>,
-    ) -> (Pending, Option<String>) {
+    async fn submit_turn(&mut self, turn: Turn, batch: TurnBatch) -> (Pending, Option<String>) {
+        let TurnBatch {
+            ops,
+            posts,
+            timer_due,
+            effects,
+        } = batch;
         let mut durable = None;
         if !ops.is_empty() {
             match self.submit(ops).await {
@@ -1468,10 +1473,15 @@ impl Process {
 
     /// A queued answer that waits for nothing of its own.
     fn answered(&self, outcome: Result<CallReply, EntityError>) -> Pending {
+        self.answering(Answer::None, outcome)
+    }
+
+    /// A queued answer for `answer` that waits for nothing of its own.
+    fn answering(&self, answer: Answer, outcome: Result<CallReply, EntityError>) -> Pending {
         Pending {
             durable: None,
             seq: self.seq,
-            answer: Answer::None,
+            answer,
             outcome,
             effects: Vec::new(),
             posts: Vec::new(),

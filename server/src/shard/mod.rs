@@ -356,17 +356,9 @@ impl Shards {
         id: EntityId,
         from_seq: Option<u64>,
     ) -> Result<mpsc::Receiver<Result<WatchMessage, EntityError>>, EntityError> {
-        let (reply, answer) = oneshot::channel();
-        self.route(
-            &id,
-            Envelope {
-                request: Request::Watch { reply },
-                deadline: None,
-            },
-        )?;
-        let subscription = answer
-            .await
-            .unwrap_or_else(|_| Err(stopped_before_reply(&id)))?;
+        let subscription = self
+            .ask(id.clone(), None, |reply| Request::Watch { reply })
+            .await?;
         let mut first = Vec::new();
         match from_seq {
             None => first.push(WatchMessage {
@@ -498,17 +490,8 @@ impl Shards {
         id: EntityId,
         deadline: Option<Instant>,
     ) -> Result<bool, EntityError> {
-        let (reply, answer) = oneshot::channel();
-        self.route(
-            &id,
-            Envelope {
-                request: Request::Delete { reply },
-                deadline,
-            },
-        )?;
-        answer
+        self.ask(id, deadline, |reply| Request::Delete { reply })
             .await
-            .unwrap_or_else(|_| Err(stopped_before_reply(&id)))
     }
 
     /// Keys of existing entities of a type, in byte order, from after `page_token`.

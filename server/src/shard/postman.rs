@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::address::EntityId;
 use crate::entity::records::{self, OutboxMessage};
-use crate::entity::{DeliveryAck, EntityError, Envelope, Request};
+use crate::entity::{DeliveryAck, Envelope, Request};
 use crate::storage::{EntityBatch, Op, RecordKind};
 
 use super::directory::ShardContext;
@@ -44,14 +44,16 @@ pub(super) enum Mail {
         from: EntityId,
         message: OutboxMessage,
     },
-    /// A delivery attempt of the pair's head message ended.
-    Done {
+    /// The pair's message in flight was delivered.
+    Delivered { pair: Pair, pair_seq: u64 },
+    /// Delivering the pair's message in flight failed and its backoff is over: it goes back
+    /// among the waiting ones, and the lowest waiting is tried next (a target that reported
+    /// a gap gets the earlier message first).
+    Failed {
         pair: Pair,
-        pair_seq: u64,
-        outcome: Result<(), String>,
+        message: OutboxMessage,
+        reason: String,
     },
-    /// The pair's backoff is over: try its head message again.
-    Retry { pair: Pair },
 }
 
 /// A sender and a target.
@@ -95,7 +97,9 @@ struct PairQueue {
     waiting: BTreeMap<u64, OutboxMessage>,
     /// Sequence numbers at or below this were acknowledged.
     acknowledged: u64,
-    in_flight: bool,
+    /// The sequence number being delivered (taken out of `waiting`).
+    in_flight: Option<u64>,
+    /// Failed attempts since the last delivery: the backoff exponent.
     failures: u32,
 }
 
@@ -120,68 +124,60 @@ impl PostmanTask {
                 Mail::Post { from, message } => {
                     let pair = (from, message.to.clone());
                     let queue = self.pairs.entry(pair.clone()).or_default();
-                    if message.pair_seq > queue.acknowledged {
+                    if message.pair_seq > queue.acknowledged
+                        && queue.in_flight != Some(message.pair_seq)
+                    {
                         queue.waiting.insert(message.pair_seq, message);
                     }
                     self.dispatch(&pair, &cancel);
                 }
-                Mail::Done {
+                Mail::Delivered { pair, pair_seq } => self.delivered(pair, pair_seq, &cancel),
+                Mail::Failed {
                     pair,
-                    pair_seq,
-                    outcome,
-                } => self.done(pair, pair_seq, outcome, &cancel),
-                Mail::Retry { pair } => {
-                    if let Some(queue) = self.pairs.get_mut(&pair) {
-                        queue.in_flight = false;
-                    }
-                    self.dispatch(&pair, &cancel);
-                }
+                    message,
+                    reason,
+                } => self.failed(pair, message, &reason, &cancel),
             }
         }
         sweep.abort();
     }
 
-    fn done(
+    /// The pair's head message was acknowledged: deliver the next one, if any.
+    fn delivered(&mut self, pair: Pair, pair_seq: u64, cancel: &CancellationToken) {
+        let Some(queue) = self.pairs.get_mut(&pair) else {
+            return;
+        };
+        queue.in_flight = None;
+        queue.failures = 0;
+        queue.acknowledged = queue.acknowledged.max(pair_seq);
+        queue.waiting.retain(|seq, _| *seq > pair_seq);
+        if queue.waiting.is_empty() {
+            self.pairs.remove(&pair);
+            return;
+        }
+        self.dispatch(&pair, cancel);
+    }
+
+    /// The pair's message in flight failed (its backoff is over): try again, lowest first.
+    fn failed(
         &mut self,
         pair: Pair,
-        pair_seq: u64,
-        outcome: Result<(), String>,
+        message: OutboxMessage,
+        reason: &str,
         cancel: &CancellationToken,
     ) {
         let Some(queue) = self.pairs.get_mut(&pair) else {
             return;
         };
-        match outcome {
-            Ok(()) => {
-                queue.in_flight = false;
-                queue.failures = 0;
-                queue.acknowledged = queue.acknowledged.max(pair_seq);
-                queue.waiting.retain(|seq, _| *seq > pair_seq);
-                if queue.waiting.is_empty() {
-                    self.pairs.remove(&pair);
-                    return;
-                }
-                self.dispatch(&pair, cancel);
-            }
-            Err(reason) => {
-                queue.failures += 1;
-                let delay = retry_delay(queue.failures);
-                if queue.failures == 1 || queue.failures % 10 == 0 {
-                    tracing::info!(from = %pair.0, to = %pair.1, pair_seq, failures = queue.failures, ?delay, %reason, "message delivery failed; retrying");
-                }
-                // Stays in flight until the retry, so no second attempt overtakes it.
-                let mail = self.mail.clone();
-                let cancel = cancel.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        () = cancel.cancelled() => {}
-                        () = tokio::time::sleep(delay) => {
-                            let _ = mail.send(Mail::Retry { pair });
-                        }
-                    }
-                });
-            }
+        queue.in_flight = None;
+        queue.failures += 1;
+        if queue.failures == 1 || queue.failures % 10 == 0 {
+            tracing::info!(from = %pair.0, to = %pair.1, pair_seq = message.pair_seq, failures = queue.failures, %reason, "message delivery failed; retrying");
         }
+        if message.pair_seq > queue.acknowledged {
+            queue.waiting.insert(message.pair_seq, message);
+        }
+        self.dispatch(&pair, cancel);
     }
 
     /// Starts delivering the pair's first waiting message, unless one is in flight.
@@ -189,34 +185,45 @@ impl PostmanTask {
         let Some(queue) = self.pairs.get_mut(pair) else {
             return;
         };
-        if queue.in_flight {
+        if queue.in_flight.is_some() {
             return;
         }
-        let Some(message) = queue.waiting.values().next().cloned() else {
+        let Some((pair_seq, message)) = queue.waiting.pop_first() else {
             self.pairs.remove(pair);
             return;
         };
-        queue.in_flight = true;
+        queue.in_flight = Some(pair_seq);
+        // Waited after a failure, before the message is handed back.
+        let backoff = retry_delay(queue.failures + 1);
         let context = self.context.clone();
         let mail = self.mail.clone();
         let pair = pair.clone();
         let cancel = cancel.clone();
         let deliveries = self.deliveries.clone();
         tokio::spawn(async move {
-            let pair_seq = message.pair_seq;
             let outcome = tokio::select! {
                 () = cancel.cancelled() => return,
                 outcome = async {
-                    // Held for the whole delivery; the semaphore is never closed.
-                    let _permit = deliveries.acquire_owned().await;
-                    deliver(&context, &pair.0, message).await
+                    // Held for the attempt, not for its backoff; never closed.
+                    let _permit = deliveries.acquire().await;
+                    deliver(&context, &pair.0, &message).await
                 } => outcome,
             };
-            let _ = mail.send(Mail::Done {
-                pair,
-                pair_seq,
-                outcome,
-            });
+            let mail_back = match outcome {
+                Ok(()) => Mail::Delivered { pair, pair_seq },
+                Err(reason) => {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    Mail::Failed {
+                        pair,
+                        message,
+                        reason,
+                    }
+                }
+            };
+            let _ = mail.send(mail_back);
         });
     }
 }
@@ -232,7 +239,7 @@ fn retry_delay(failures: u32) -> Duration {
 async fn deliver(
     context: &Arc<ShardContext>,
     from: &EntityId,
-    message: OutboxMessage,
+    message: &OutboxMessage,
 ) -> Result<(), String> {
     let to = message.to.clone();
     let name = records::outbox_name(&to, message.pair_seq);
@@ -240,7 +247,7 @@ async fn deliver(
     let envelope = Envelope {
         request: Request::Deliver {
             from: from.clone(),
-            message: Box::new(message),
+            message: Box::new(message.clone()),
             reply,
         },
         deadline: None,
@@ -251,7 +258,7 @@ async fn deliver(
     let ack = match tokio::time::timeout(DELIVERY_TIMEOUT, answer).await {
         Err(_) => return Err("the target did not answer in time".into()),
         Ok(Err(_)) => return Err("the target stopped before answering".into()),
-        Ok(Ok(Err(error))) => return Err(describe(&error)),
+        Ok(Ok(Err(error))) => return Err(error.to_string()),
         Ok(Ok(Ok(ack))) => ack,
     };
     if let DeliveryAck::Gap { expected } = ack {
@@ -273,10 +280,6 @@ async fn deliver(
         tracing::warn!(sender = %from, %error, "removing a delivered message from the outbox failed");
     }
     Ok(())
-}
-
-fn describe(error: &EntityError) -> String {
-    error.to_string()
 }
 
 /// Reads every shard's outbox and posts what it holds; wakes every entity whose durable

@@ -74,7 +74,8 @@ pub(super) async fn run(
     alarm: Arc<TimerAlarm>,
     cancel: CancellationToken,
 ) {
-    let mut delivered: HashMap<(u64, crate::address::EntityId, Vec<u8>), Instant> = HashMap::new();
+    // Delivered entries and when: not offered again before `REDELIVERY_AFTER`.
+    let mut delivered: HashMap<DueTimer, Instant> = HashMap::new();
     let in_flight = Arc::new(Semaphore::new(FIRINGS_IN_FLIGHT_MAX));
     loop {
         let now_ms = now_unix_ms();
@@ -101,8 +102,7 @@ pub(super) async fn run(
             };
             let full = page.due.len() == PAGE;
             for timer in &page.due {
-                let key = (timer.due_ms, timer.entity.clone(), timer.name.clone());
-                if delivered.contains_key(&key) {
+                if delivered.contains_key(timer) {
                     continue;
                 }
                 let permit = tokio::select! {
@@ -115,7 +115,7 @@ pub(super) async fn run(
                 };
                 match fire(&context, timer, permit) {
                     Ok(()) => {
-                        delivered.insert(key, Instant::now());
+                        delivered.insert(timer.clone(), Instant::now());
                     }
                     Err(EntityError::ShuttingDown) => return,
                     Err(error) => {

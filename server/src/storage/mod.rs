@@ -179,7 +179,7 @@ pub struct StoredEntry {
 }
 
 /// One entry of a shard's timer index.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DueTimer {
     pub due_ms: u64,
     pub entity: EntityId,
