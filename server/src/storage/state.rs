@@ -63,13 +63,11 @@ fn open_sled(state_dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError>
             .open();
         match opened {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && started.elapsed() < SLED_LOCK_WAIT =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                if started.elapsed() < SLED_LOCK_WAIT {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 return Err(StoreError::Metadata(format!(
                     "the data dir {} is in use by another process (is another statehouse-server running on it?): {e}",
                     state_dir.display()
