@@ -21,8 +21,6 @@
 //! `Delete` leaves the shard's timer index alone: its entries are not under the entity's
 //! keys, and the entity removes them with `RemoveTimerDue` in the same batch.
 
-use std::collections::BTreeMap;
-
 use crate::address::EntityId;
 
 use super::keys;
@@ -129,79 +127,6 @@ fn exists(entity: &EntityId) -> SledOp {
     }
 }
 
-/// Writes staged for one tree, applied with one atomic `apply_batch`.
-///
-/// Staging lets several batches (of one round, or one replayed frame) share a sled batch:
-/// a range removal sees both what the tree holds and what is staged before it.
-pub(crate) struct StagedWrites {
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-}
-
-impl StagedWrites {
-    pub(crate) fn new() -> Self {
-        StagedWrites {
-            pending: BTreeMap::new(),
-        }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    /// Stages `writes` against `tree`, reading it for range removals. Takes the writes, so
-    /// keys and values move into the batch without a copy.
-    pub(crate) fn stage(&mut self, tree: &sled::Tree, writes: Vec<SledOp>) -> sled::Result<()> {
-        for write in writes {
-            match write {
-                SledOp::Put { key, value } => {
-                    self.pending.insert(key, Some(value));
-                }
-                SledOp::Remove { key } => {
-                    self.pending.insert(key, None);
-                }
-                SledOp::RemoveRange { from, to_inclusive } => {
-                    for item in tree.range(from.as_slice()..=to_inclusive.as_slice()) {
-                        let (key, _) = item?;
-                        self.pending.insert(key.to_vec(), None);
-                    }
-                    for (_, value) in self.pending.range_mut(from..=to_inclusive) {
-                        *value = None;
-                    }
-                }
-                SledOp::RemovePrefix { prefix } => {
-                    for item in tree.scan_prefix(&prefix) {
-                        let (key, _) = item?;
-                        self.pending.insert(key.to_vec(), None);
-                    }
-                    for (_, value) in self
-                        .pending
-                        .range_mut(prefix.clone()..)
-                        .take_while(|(key, _)| key.starts_with(&prefix))
-                    {
-                        *value = None;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies everything staged to `tree` atomically.
-    pub(crate) fn apply(self, tree: &sled::Tree) -> sled::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let mut batch = sled::Batch::default();
-        for (key, value) in self.pending {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
-            }
-        }
-        tree.apply_batch(batch)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,10 +143,14 @@ mod tests {
         }
     }
 
+    /// Applies the batch the way the store does: into an overlay layer, which a checkpoint
+    /// then writes to sled.
     fn apply(tree: &sled::Tree, entity: &EntityId, ops: &[Op]) {
-        let mut staged = StagedWrites::new();
-        staged.stage(tree, plan(entity, ops)).unwrap();
-        staged.apply(tree).unwrap();
+        let mut layer = crate::storage::overlay::Layer::default();
+        for write in plan(entity, ops) {
+            layer.apply(write);
+        }
+        layer.write_to(tree).unwrap();
     }
 
     fn kinds(tree: &sled::Tree) -> Vec<(u8, Option<u64>)> {

@@ -1,15 +1,20 @@
-//! Checkpoints: making sled durable up to a journal position, then trimming the journal.
+//! Checkpoints: writing the shards' overlays to sled, making sled durable up to a journal
+//! position, then trimming the journal.
 //!
 //! **Owns**: [`checkpoint`] and the checkpointer thread that runs it every
 //! `checkpoint_interval`, when the writer reports `checkpoint_journal_bytes` written, and on
 //! request.
 //!
 //! A checkpoint takes the writer's checkpointable position P (every frame before it is
-//! applied to sled and synced in the journal), records P in `meta`, flushes sled, `fsync`s
-//! every file and directory under the state dir (sled's flush alone is not power-loss
-//! durable, sled issue 1452), and only then deletes the journal segments wholly before P's
-//! segment. It never holds a lock the writer needs: it reads P under a short lock, and sled
-//! writes proceed during the flush (those after P are simply replayed again after a crash).
+//! applied to the overlays and synced in the journal), then freezes every shard's active
+//! overlay layer (which therefore holds at least every frame before P; frames after P that it
+//! also holds are replayed again after a crash, which is idempotent), writes the frozen layers
+//! to sled, records P in `meta`, flushes sled, `fsync`s every file and directory under the
+//! state dir (sled's flush alone is not power-loss durable, sled issue 1452), drops the frozen
+//! layers, and only then deletes the journal segments wholly before P's segment. It never
+//! holds a lock the writer waits on for long: freezing swaps a layer out under the overlay's
+//! write lock, and the writer keeps applying to the new active layer meanwhile. A checkpoint
+//! that fails leaves its frozen layers in place (reads stay right) for the next one to write.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -40,6 +45,15 @@ pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreErro
     let position = *shared.checkpointable.lock();
     debug_assert!(last.is_none_or(|l| l <= position), "checkpoints go forward");
 
+    let shards = &shared.state.shards;
+    let frozen: Vec<_> = shards.iter().map(|shard| shard.overlay.freeze()).collect();
+    for (n, (shard, layers)) in shards.iter().zip(&frozen).enumerate() {
+        for layer in layers {
+            layer
+                .write_to(&shard.tree)
+                .map_err(|e| sled_error(format!("writing shard {n}'s overlay to sled"), e))?;
+        }
+    }
     shared.state.write_checkpoint(position)?;
     shared
         .state
@@ -47,6 +61,9 @@ pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreErro
         .flush()
         .map_err(|e| sled_error("flushing sled for a checkpoint", e))?;
     sync_tree(&shared.state_dir)?;
+    for (shard, layers) in shards.iter().zip(&frozen) {
+        shard.overlay.release(layers.len());
+    }
 
     // Only now is sled durable up to `position`; the segments before it can go. The
     // writer's own segment is never deleted, and P never points past it.

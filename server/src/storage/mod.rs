@@ -34,6 +34,7 @@ mod codec;
 mod fsync;
 pub mod journal;
 pub mod keys;
+mod overlay;
 mod record;
 pub mod recovery;
 mod shared;

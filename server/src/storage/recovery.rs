@@ -1,4 +1,5 @@
-//! Recovery at open: replaying the journal after the last checkpoint into sled.
+//! Recovery at open: replaying the journal after the last checkpoint into the shards'
+//! overlays (the checkpoint that follows writes them to sled, in the background).
 //!
 //! **Owns**: deciding, segment by segment, what is a torn tail (cut off with a warning),
 //! what is damage (open fails with [`StoreError::CorruptJournal`]) and which entities a damaged
@@ -20,14 +21,14 @@
 //! Every operation, records and timer index entries included, replays through
 //! [`super::apply::plan`], the same code the live path uses.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use crate::address::EntityId;
 
-use super::apply::{plan, SledOp, StagedWrites};
-use super::fsync::{io_error, sled_error};
+use super::apply::{plan, SledOp};
+use super::fsync::io_error;
 use super::journal::frame::decode_body;
 use super::journal::scan::{scan, ScanEnd, ScannedFrame};
 use super::journal::segment::list_segments;
@@ -43,7 +44,7 @@ pub struct RecoveryReport {
     pub checkpoint: Option<JournalPosition>,
     /// Segments read.
     pub segments_replayed: usize,
-    /// Frames applied to sled.
+    /// Frames replayed.
     pub frames_replayed: u64,
     /// Torn tails cut off: the segment and the offset it was truncated at.
     pub torn_tails: Vec<(PathBuf, u64)>,
@@ -140,19 +141,9 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
             }
         }
 
-        let mut batch = ReplayBatch::default();
         for frame in &scanned.frames {
-            replay_frame(
-                state,
-                &path,
-                &bytes,
-                frame,
-                &mut skipped,
-                &mut report,
-                &mut batch,
-            )?;
+            replay_frame(state, &path, &bytes, frame, &mut skipped, &mut report)?;
         }
-        batch.flush(state)?;
 
         if let Some(offset) = cut_at {
             truncate(&path, offset)?;
@@ -170,7 +161,6 @@ fn replay_frame(
     frame: &ScannedFrame,
     skipped: &mut HashSet<(u32, EntityId)>,
     report: &mut RecoveryReport,
-    batch: &mut ReplayBatch,
 ) -> Result<(), StoreError> {
     let head = &frame.head;
     if head.shard >= state.shard_count() {
@@ -197,8 +187,10 @@ fn replay_frame(
         let body = bytes.get(start..start + head.body_len);
         match body.map(decode_body) {
             Some(Ok(ops)) => {
-                let writes = plan(&head.entity, &ops);
-                batch.stage(state, head.shard, writes)?;
+                state
+                    .shard(head.shard)?
+                    .overlay
+                    .apply([plan(&head.entity, &ops)]);
                 report.frames_replayed += 1;
                 return Ok(());
             }
@@ -218,61 +210,15 @@ fn replay_frame(
         )
     };
     tracing::error!(entity = %head.entity, shard = head.shard, detail = problem, "entity marked corrupt");
-    // Staged like any write, so a later batch (there is none: the entity is skipped from now
-    // on) could never reorder with it.
-    batch.stage(
-        state,
-        head.shard,
-        vec![SledOp::Put {
-            key: keys::corrupt_key(&head.entity),
-            value: problem.clone().into_bytes(),
-        }],
-    )?;
+    state.shard(head.shard)?.overlay.apply([vec![SledOp::Put {
+        key: keys::corrupt_key(&head.entity),
+        value: problem.clone().into_bytes(),
+    }]]);
     skipped.insert(entity_key);
     report
         .corrupt_entities
         .push((head.shard, head.entity.clone(), problem));
     Ok(())
-}
-
-/// Frames staged together before they are applied: one sled batch per shard for many frames
-/// makes replay several times faster than a batch per frame. Staging reads the tree and what is
-/// staged before it, so the order of writes within a shard is kept.
-#[derive(Default)]
-struct ReplayBatch {
-    staged: BTreeMap<u32, StagedWrites>,
-    frames: usize,
-}
-
-/// Frames staged before the batch is applied.
-const REPLAY_BATCH_FRAMES: usize = 4096;
-
-impl ReplayBatch {
-    fn stage(&mut self, state: &State, shard: u32, writes: Vec<SledOp>) -> Result<(), StoreError> {
-        let shard_state = state.shard(shard)?;
-        self.staged
-            .entry(shard)
-            .or_insert_with(StagedWrites::new)
-            .stage(&shard_state.tree, writes)
-            .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))?;
-        self.frames += 1;
-        if self.frames >= REPLAY_BATCH_FRAMES {
-            self.flush(state)?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, state: &State) -> Result<(), StoreError> {
-        for (shard, staged) in std::mem::take(&mut self.staged) {
-            let shard_state = state.shard(shard)?;
-            let _applying = shard_state.apply_lock.write();
-            staged
-                .apply(&shard_state.tree)
-                .map_err(|e| sled_error(format!("replaying the journal into shard {shard}"), e))?;
-        }
-        self.frames = 0;
-        Ok(())
-    }
 }
 
 fn truncate(path: &Path, offset: u64) -> Result<(), StoreError> {

@@ -54,11 +54,12 @@ impl Counters {
             journal_bytes: get(&self.journal_bytes),
             checkpoints: get(&self.checkpoints),
             segments_deleted: get(&self.segments_deleted),
+            overlay_bytes: 0,
         }
     }
 }
 
-/// Counters of an open store since it was opened.
+/// Counters of an open store since it was opened, and the overlays' size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
     /// Batches the writer completed (successfully or not).
@@ -73,4 +74,7 @@ pub struct StoreStats {
     pub checkpoints: u64,
     /// Journal segments deleted by checkpoints.
     pub segments_deleted: u64,
+    /// Memory held by committed writes not yet in sled (the shards' overlays), an estimate.
+    /// A gauge, not a counter: checkpoints bring it back down.
+    pub overlay_bytes: u64,
 }

@@ -106,7 +106,7 @@ impl SledStore {
             checkpoint_requested: AtomicBool::new(false),
             counters: Counters::default(),
         });
-        // Everything replayed is in sled now. The checkpoint that makes it durable and drops
+        // Everything replayed is in the overlays now. The checkpoint that writes it to sled and drops
         // the replayed segments runs in the background (below): a large replay can leave a lot
         // of sled to flush, and the journal keeps every replayed frame until it is done.
         let replayed_any = recovery.frames_replayed > 0
@@ -186,7 +186,15 @@ impl SledStore {
 
     /// Counters since the store was opened.
     pub fn stats(&self) -> StoreStats {
-        self.shared.counters.snapshot()
+        let mut stats = self.shared.counters.snapshot();
+        stats.overlay_bytes = self
+            .shared
+            .state
+            .shards
+            .iter()
+            .map(|shard| shard.overlay.bytes() as u64)
+            .sum();
+        stats
     }
 
     /// The threads' shared state, for tests that look inside.

@@ -4,24 +4,24 @@
 //! migrations on it, the `meta` records this layer keeps (`shard_count`, `checkpoint`), one
 //! tree per shard (`shard-N`), and the reads: `load`/`list`, records (`record`,
 //! `entity_records`, `scan_records`) and the timer index (`due_timers`). Writes arrive
-//! through [`super::apply`] from the writer thread and recovery only.
+//! in each shard's [`Overlay`] (from the writer thread and recovery), and reach the tree
+//! when a checkpoint writes the overlay's frozen layers to it.
 //!
-//! Each shard has an `apply_lock`: the writer holds it for writing only while it applies one
-//! sled batch to that shard, and every read of a shard's tree holds it for reading (one
-//! entity, or one page of a scan), so a read never sees half of a batch (e.g. a snapshot's
-//! trimmed events without the snapshot, or a timer's record without its index entry).
+//! Every read goes through one [`super::overlay::View`] of the shard (one entity, or one page
+//! of a scan), which holds the overlay's read lock, so a read never sees half of a batch (e.g.
+//! a snapshot's trimmed events without the snapshot, or a timer's record without its index
+//! entry).
 
 use std::ops::Bound;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use parking_lot::RwLock;
 
 use crate::address::EntityId;
 
 use super::fsync::sled_error;
 use super::journal::JournalPosition;
 use super::keys;
+use super::overlay::{Overlay, View};
 use super::record::decode_value;
 use super::{DueTimer, DueTimers, LoadedEntity, RecordKind, StoreError, StoredEntry};
 
@@ -33,10 +33,17 @@ pub const META_CHECKPOINT_KEY: &[u8] = b"checkpoint";
 /// The most shards a data dir may have: each is a sled tree opened at start-up.
 pub const SHARD_COUNT_MAX: u32 = 4096;
 
-/// One shard's tree and the lock that makes its batches atomic for readers.
+/// One shard: its sled tree and the committed writes not yet in it.
 pub(crate) struct Shard {
     pub tree: sled::Tree,
-    pub apply_lock: RwLock<()>,
+    pub overlay: Overlay,
+}
+
+impl Shard {
+    /// A consistent read view of the shard: the overlay over the tree.
+    pub(crate) fn view(&self) -> View<'_> {
+        self.overlay.view(&self.tree)
+    }
 }
 
 /// The opened sled database.
@@ -140,7 +147,7 @@ impl State {
                     .map_err(|e| sled_error(format!("opening tree {}", shard_tree_name(n)), e))?;
                 Ok(Shard {
                     tree,
-                    apply_lock: RwLock::new(()),
+                    overlay: Overlay::default(),
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -214,19 +221,18 @@ impl State {
     /// [`RecordKind::LOADED`] kinds, verifying every record. Blocking.
     pub(crate) fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
         let shard = self.shard(shard)?;
-        let tree = &shard.tree;
+        let view = shard.view();
         let read_error = |e| sled_error(format!("reading {entity}"), e);
         let corrupt = |detail: String| StoreError::CorruptEntity {
             entity: entity.clone(),
             detail,
         };
-        let _reading = shard.apply_lock.read();
 
-        if let Some(detail) = tree.get(keys::corrupt_key(entity)).map_err(read_error)? {
+        if let Some(detail) = view.get(&keys::corrupt_key(entity)).map_err(read_error)? {
             return Err(corrupt(String::from_utf8_lossy(&detail).into_owned()));
         }
         let snapshot_key = keys::snapshot_key(entity);
-        let snapshot = match tree.get(&snapshot_key).map_err(read_error)? {
+        let snapshot = match view.get(&snapshot_key).map_err(read_error)? {
             Some(value) => Some(
                 decode_value(&snapshot_key, &value)
                     .map_err(|d| corrupt(format!("snapshot: {d}")))?,
@@ -236,7 +242,7 @@ impl State {
         let after = snapshot.as_ref().map_or(0, |s| s.seq);
         let prefix = keys::event_prefix(entity);
         let mut events = Vec::new();
-        for item in tree.scan_prefix(&prefix) {
+        for item in view.scan_prefix(&prefix) {
             let (key, value) = item.map_err(read_error)?;
             let Some(seq) = keys::event_seq(&key, prefix.len()) else {
                 return Err(corrupt(format!(
@@ -258,7 +264,7 @@ impl State {
         }
         let mut records = Vec::new();
         for kind in RecordKind::LOADED {
-            records.extend(entity_records(tree, entity, kind)?);
+            records.extend(entity_records(&view, entity, kind)?);
         }
         Ok(LoadedEntity {
             snapshot,
@@ -276,11 +282,10 @@ impl State {
         name: &[u8],
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let shard = self.shard(shard)?;
-        let _reading = shard.apply_lock.read();
-        check_not_corrupt(&shard.tree, entity)?;
+        let view = shard.view();
+        check_not_corrupt(&view, entity)?;
         let key = keys::record_key(kind, entity, name);
-        match shard
-            .tree
+        match view
             .get(&key)
             .map_err(|e| sled_error(format!("reading {entity}"), e))?
         {
@@ -297,9 +302,9 @@ impl State {
         kind: RecordKind,
     ) -> Result<Vec<StoredEntry>, StoreError> {
         let shard = self.shard(shard)?;
-        let _reading = shard.apply_lock.read();
-        check_not_corrupt(&shard.tree, entity)?;
-        entity_records(&shard.tree, entity, kind)
+        let view = shard.view();
+        check_not_corrupt(&view, entity)?;
+        entity_records(&view, entity, kind)
     }
 
     /// Records of `kind` of every entity of the shard, in key order, strictly after
@@ -320,9 +325,9 @@ impl State {
             Some((entity, name)) => Bound::Excluded(keys::record_key(kind, entity, name)),
             None => Bound::Included(prefix.to_vec()),
         };
-        let _reading = shard.apply_lock.read();
+        let view = shard.view();
         let mut found = Vec::new();
-        for item in shard.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
+        for item in view.range_from(lower) {
             let (key, value) = item.map_err(|e| {
                 sled_error(
                     format!("scanning {kind:?} records of shard {shard_index}"),
@@ -365,9 +370,9 @@ impl State {
             Some(t) => Bound::Excluded(keys::timer_index_key(t.due_ms, &t.entity, &t.name)),
             None => Bound::Included(keys::TIMER_INDEX_PREFIX.to_vec()),
         };
-        let _reading = shard.apply_lock.read();
+        let view = shard.view();
         let mut page = DueTimers::default();
-        for item in shard.tree.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
+        for item in view.range_from(lower) {
             let (key, value) = item.map_err(|e| {
                 sled_error(
                     format!("scanning the timer index of shard {shard_index}"),
@@ -431,8 +436,8 @@ impl State {
         let mut found: Vec<String> = Vec::new();
         for (n, shard) in self.shards.iter().enumerate() {
             // Each tree yields its keys in order; at most `limit` from each can make the cut.
-            let range = (lower.clone(), std::ops::Bound::Unbounded);
-            for item in shard.tree.range::<Vec<u8>, _>(range).take(limit) {
+            let view = shard.view();
+            for item in view.range_from(lower.clone()).take(limit) {
                 let (key, _) = item.map_err(|e| sled_error(format!("listing shard {n}"), e))?;
                 if !key.starts_with(&prefix) {
                     break;
@@ -464,9 +469,9 @@ fn name_for_humans(name: &[u8]) -> String {
 }
 
 /// Refuses an entity with a corruption marker, like `load` does.
-fn check_not_corrupt(tree: &sled::Tree, entity: &EntityId) -> Result<(), StoreError> {
-    match tree
-        .get(keys::corrupt_key(entity))
+fn check_not_corrupt(view: &View<'_>, entity: &EntityId) -> Result<(), StoreError> {
+    match view
+        .get(&keys::corrupt_key(entity))
         .map_err(|e| sled_error(format!("reading {entity}"), e))?
     {
         Some(detail) => Err(StoreError::CorruptEntity {
@@ -493,16 +498,15 @@ fn decode_entry(
         })
 }
 
-/// Every record of `kind` of the entity in `tree`, in name order. The caller holds the
-/// shard's `apply_lock` for reading.
+/// Every record of `kind` of the entity in the shard's `view`, in name order.
 fn entity_records(
-    tree: &sled::Tree,
+    view: &View<'_>,
     entity: &EntityId,
     kind: RecordKind,
 ) -> Result<Vec<StoredEntry>, StoreError> {
     let prefix = keys::record_prefix(kind, entity);
     let mut records = Vec::new();
-    for item in tree.scan_prefix(&prefix) {
+    for item in view.scan_prefix(&prefix) {
         let (key, value) = item.map_err(|e| sled_error(format!("reading {entity}"), e))?;
         let name = key.get(prefix.len()..).unwrap_or_default();
         let value = decode_entry(entity, kind, name, &key, &value)?;

@@ -1,12 +1,12 @@
 //! The group-commit writer: the one thread that appends to the journal.
 //!
 //! **Owns**: the open journal segment, `fdatasync`, segment rolling, and applying committed
-//! batches to sled in commit order.
+//! batches to the shards' overlays in commit order.
 //!
 //! A round: take the first [`Submission`], drain whatever else is already queued (up to
 //! [`ROUND_BYTES_MAX`]), append every frame with one `write`, `fdatasync` once, apply each
-//! batch to sled (no sled flush: the journal is what makes it durable until a checkpoint),
-//! then wake every waiter. With `Durability::Async` the waiters are woken before the sync,
+//! batch to its shard's in-memory overlay (sled receives it at the next checkpoint: the
+//! journal is what makes it durable until then), then wake every waiter. With `Durability::Async` the waiters are woken before the sync,
 //! which follows within the configured window (`recv_timeout` wakes the thread for it).
 //!
 //! Napkin math: one `fdatasync` on this kind of machine takes ~150 µs, so one-sync-per-commit
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::apply::{SledOp, StagedWrites};
+use super::apply::SledOp;
 use super::journal::segment::OpenSegment;
 use super::journal::JournalPosition;
 use super::shared::{Counters, Shared};
@@ -217,55 +217,32 @@ impl Writer {
         self.request_checkpoint_if_due();
     }
 
-    /// Applies the round's batches to sled, one atomic sled batch per shard, in commit order.
-    /// A sled failure fails that shard's batches and poisons the writer: the journal holds
-    /// them, so the next start's replay brings sled up to date.
+    /// Applies the round's batches to their shards' overlays, in commit order, each shard's
+    /// share as one step for readers. Nothing here touches sled: a checkpoint writes the
+    /// overlays to sled later, and the journal covers them until it does.
     fn apply(&mut self, round: &mut [Submission]) -> Vec<Result<(), StoreError>> {
-        let mut by_shard: BTreeMap<u32, StagedWrites> = BTreeMap::new();
-        let mut failed: BTreeMap<u32, sled::Error> = BTreeMap::new();
         let shards = &self.shared.state.shards;
+        let mut by_shard: BTreeMap<u32, Vec<Vec<SledOp>>> = BTreeMap::new();
         for submission in round.iter_mut() {
-            if failed.contains_key(&submission.shard) {
-                continue;
-            }
-            let Some(shard) = shards.get(submission.shard as usize) else {
-                // `commit` checks the shard; this is a bug, reported like a failure.
-                failed.insert(
-                    submission.shard,
-                    sled::Error::Unsupported(format!("no shard {}", submission.shard)),
-                );
-                continue;
-            };
-            let staged = by_shard
+            by_shard
                 .entry(submission.shard)
-                .or_insert_with(StagedWrites::new);
-            if let Err(e) = staged.stage(&shard.tree, std::mem::take(&mut submission.writes)) {
-                failed.insert(submission.shard, e);
-            }
+                .or_default()
+                .push(std::mem::take(&mut submission.writes));
         }
-        for (n, staged) in by_shard {
-            if failed.contains_key(&n) || staged.is_empty() {
-                continue;
+        for (n, batches) in by_shard {
+            if let Some(shard) = shards.get(n as usize) {
+                shard.overlay.apply(batches);
             }
-            let shard = &shards[n as usize];
-            let _applying = shard.apply_lock.write();
-            if let Err(e) = staged.apply(&shard.tree) {
-                failed.insert(n, e);
-            }
-        }
-        if let Some((n, e)) = failed.iter().next() {
-            self.poison(&format!(
-                "applying a journal round to shard {n} failed ({e}); the journal holds the batches and replays them at the next start"
-            ));
         }
         round
             .iter()
-            .map(|submission| match failed.get(&submission.shard) {
-                None => Ok(()),
-                Some(e) => Err(StoreError::Sled {
-                    context: format!("applying a committed batch to shard {}", submission.shard),
-                    source: e.clone(),
-                }),
+            .map(|submission| match shards.get(submission.shard as usize) {
+                Some(_) => Ok(()),
+                // `submit` checks the shard; this would be a bug, reported to its waiter.
+                None => Err(StoreError::InvalidInput(format!(
+                    "shard {} does not exist",
+                    submission.shard
+                ))),
             })
             .collect()
     }
