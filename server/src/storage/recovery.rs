@@ -1,10 +1,18 @@
 //! Recovery at open: replaying the journal after the last checkpoint into sled.
 //!
 //! **Owns**: deciding, segment by segment, what is a torn tail (cut off with a warning),
-//! what is damage (open fails with [`StoreError::CorruptJournal`]) and which entities a damaged
-//! record makes corrupt (an `x` marker, so `load` refuses them by name).
+//! what is the zero tail of a killed writer's preallocated segment (cut off quietly), what is
+//! damage (open fails with [`StoreError::CorruptJournal`]) and which entities a damaged record
+//! makes corrupt (an `x` marker, so `load` refuses them by name). Stale prepared (`.prep`)
+//! segment files are no business of recovery: they are not journal segments, never read here,
+//! and `SledStore::open` deletes them.
 //!
 //! The rules, for the frames after the checkpoint position P:
+//! - Only zero bytes from some offset to the end of the last segment: the normal end of a
+//!   segment the writer was filling when the process died (segments are preallocated with
+//!   zeros, see `journal::segment`). The segment is truncated there (logged at `info`). In a
+//!   segment that is not the last, it is `CorruptJournal`: the writer cuts a segment to its
+//!   data and syncs it before it starts the next.
 //! - A head that does not verify, in the last segment, with no verifying head anywhere after
 //!   it, or a frame running past the end of the last segment: a torn tail. The segment is
 //!   truncated there.
@@ -47,6 +55,9 @@ pub struct RecoveryReport {
     pub frames_replayed: u64,
     /// Torn tails cut off: the segment and the offset it was truncated at.
     pub torn_tails: Vec<(PathBuf, u64)>,
+    /// The preallocated zeros cut off the last segment (a writer killed while filling it):
+    /// the segment and the offset it was truncated at, the end of its data.
+    pub zero_tail: Option<(PathBuf, u64)>,
     /// Entities marked corrupt: shard, entity and the marker's detail.
     pub corrupt_entities: Vec<(u32, EntityId, String)>,
     /// The id of the segment the writer starts.
@@ -112,6 +123,17 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
                     ),
                 });
             }
+            ScanEnd::ZeroTail { offset } => {
+                let offset = *offset;
+                if !is_last {
+                    return Err(StoreError::CorruptJournal {
+                        segment: path,
+                        offset,
+                        detail: "only zero bytes from here to the end, in a segment that is not the last (a finished segment is cut to its data)".into(),
+                    });
+                }
+                Some(Cut::ZeroTail(offset))
+            }
             ScanEnd::Torn { offset, detail } | ScanEnd::Incomplete { offset, detail } => {
                 let offset = *offset;
                 if !is_last {
@@ -122,12 +144,15 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
                     });
                 }
                 tracing::warn!(segment = %path.display(), offset, detail = %detail, "torn journal tail");
-                Some(offset)
+                Some(Cut::Torn(offset))
             }
         };
         // A bad body is a torn tail only if nothing verifiable follows it, not even an
         // incomplete frame.
-        let nothing_after = matches!(scanned.end, ScanEnd::Clean | ScanEnd::Torn { .. });
+        let nothing_after = matches!(
+            scanned.end,
+            ScanEnd::Clean | ScanEnd::Torn { .. } | ScanEnd::ZeroTail { .. }
+        );
         if is_last && nothing_after && scanned.frames.last().is_some_and(|f| !f.body_ok) {
             if let Some(frame) = scanned.frames.pop() {
                 tracing::warn!(
@@ -136,7 +161,7 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
                     entity = %frame.head.entity,
                     "the last journal record failed its body CRC32C check with nothing after it: torn tail"
                 );
-                cut_at = Some(frame.offset);
+                cut_at = Some(Cut::Torn(frame.offset));
             }
         }
 
@@ -154,13 +179,35 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
         }
         batch.flush(state)?;
 
-        if let Some(offset) = cut_at {
-            truncate(&path, offset)?;
-            tracing::warn!(segment = %path.display(), offset, "journal segment truncated at its torn tail");
-            report.torn_tails.push((path, offset));
+        match cut_at {
+            None => {}
+            Some(Cut::Torn(offset)) => {
+                truncate(&path, offset)?;
+                tracing::warn!(segment = %path.display(), offset, "journal segment truncated at its torn tail");
+                report.torn_tails.push((path, offset));
+            }
+            Some(Cut::ZeroTail(offset)) => {
+                truncate(&path, offset)?;
+                tracing::info!(
+                    segment = %path.display(),
+                    offset,
+                    len = bytes.len(),
+                    "the last journal segment ends in preallocated zeros (the writer stopped without closing it); truncated to its data"
+                );
+                report.zero_tail = Some((path, offset));
+            }
         }
     }
     Ok(report)
+}
+
+/// Where the last segment is cut, and why.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// A torn tail: an interrupted append.
+    Torn(u64),
+    /// Preallocated zeros after the data.
+    ZeroTail(u64),
 }
 
 fn replay_frame(
