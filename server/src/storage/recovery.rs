@@ -331,3 +331,168 @@ fn truncate(path: &Path, offset: u64) -> Result<(), StoreError> {
     file.set_len(offset).map_err(|e| io_error(context(), e))?;
     file.sync_all().map_err(|e| io_error(context(), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::address::EntityId;
+    use crate::storage::journal::segment::{prepared_file_name, PREPARED_EXTENSION};
+    use crate::storage::journal::{locate_frames, segment_paths};
+    use crate::storage::{Durability, EntityBatch, Op, SledStore, Store, StoreConfig};
+
+    fn config(data_dir: &Path, segment_bytes: u64) -> StoreConfig {
+        StoreConfig {
+            data_dir: data_dir.to_path_buf(),
+            shard_count: 2,
+            durability: Durability::Sync,
+            async_sync_window: Duration::from_millis(20),
+            checkpoint_interval: Duration::from_secs(3600),
+            checkpoint_journal_bytes: u64::MAX,
+            journal_segment_bytes: segment_bytes,
+            sled_cache_bytes: 8 << 20,
+            commits_pending_max: 64,
+        }
+    }
+
+    fn batch(key: &str, seq: u64) -> EntityBatch {
+        EntityBatch {
+            shard: 0,
+            entity: EntityId::new("counter", key).unwrap(),
+            ops: vec![Op::Event {
+                seq,
+                behaviour_version: 1,
+                payload: vec![seq as u8; 100],
+            }],
+        }
+    }
+
+    /// Copies the journal and state as a SIGKILL would leave them (the store is idle).
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let dest = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &dest);
+            } else {
+                std::fs::copy(entry.path(), &dest).unwrap();
+            }
+        }
+    }
+
+    fn prep_files(journal: &Path) -> Vec<String> {
+        std::fs::read_dir(journal)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(PREPARED_EXTENSION))
+            .collect()
+    }
+
+    async fn open(data_dir: &Path, segment_bytes: u64) -> Arc<SledStore> {
+        SledStore::open(config(data_dir, segment_bytes)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_kill_mid_segment_replays_every_frame_and_cuts_the_zero_tail() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let segment_bytes = 4 << 20;
+        let store = open(&data, segment_bytes).await;
+        for seq in 1..=50 {
+            store.commit(batch("k", seq)).await.unwrap();
+        }
+        let copy = root.path().join("killed");
+        copy_dir(&data, &copy);
+        store.close().await.unwrap();
+
+        let segment = segment_paths(&copy).unwrap().pop().unwrap();
+        let frames = locate_frames(&segment).unwrap();
+        assert_eq!(frames.len(), 50);
+        let data_end = frames.last().map(|f| f.offset + f.len).unwrap();
+        assert_eq!(
+            std::fs::metadata(&segment).unwrap().len(),
+            segment_bytes,
+            "the killed writer's segment is preallocated"
+        );
+        // A stale preparation holding a copy of real frames, under the next segment's name:
+        // never replayed, deleted at open.
+        let journal = copy.join("journal");
+        let stale = journal.join(prepared_file_name(u64::from(u32::MAX), "bg"));
+        std::fs::copy(&segment, &stale).unwrap();
+
+        let recovered = open(&copy, segment_bytes).await;
+        let report = recovered.recovery_report().clone();
+        assert_eq!(report.frames_replayed, 50);
+        assert!(report.torn_tails.is_empty(), "{report:?}");
+        assert_eq!(report.zero_tail, Some((segment.clone(), data_end)));
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), data_end);
+        assert!(!stale.exists(), "stale prepared files are deleted");
+        assert!(
+            report.next_segment < u64::from(u32::MAX),
+            "a prepared file's id is not a segment id: {report:?}"
+        );
+        let loaded = recovered
+            .load(0, &EntityId::new("counter", "k").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(loaded.events.len(), 50);
+        recovered.close().await.unwrap();
+        // A clean close leaves no preparation and the last segment cut to its data.
+        assert!(
+            prep_files(&journal).is_empty(),
+            "{:?}",
+            prep_files(&journal)
+        );
+        for segment in segment_paths(&copy).unwrap() {
+            let frames = locate_frames(&segment).unwrap();
+            let end = frames.last().map_or(0, |f| f.offset + f.len);
+            assert_eq!(std::fs::metadata(&segment).unwrap().len(), end);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zero_tail_before_the_last_segment_is_corruption() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        // Every frame fills a segment, so each segment holds one frame.
+        let store = open(&data, 100).await;
+        for seq in 1..=3 {
+            store.commit(batch("k", seq)).await.unwrap();
+        }
+        // The writer rolls after it answers; wait for the fourth segment, then "kill".
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while segment_paths(&data).unwrap().len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "no fourth segment");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let data_copy = root.path().join("killed");
+        copy_dir(&data, &data_copy);
+        store.close().await.unwrap();
+        let data = data_copy;
+        let segments = segment_paths(&data).unwrap();
+        assert_eq!(segments.len(), 4, "{segments:?}");
+        let first = &segments[0];
+        let len = std::fs::metadata(first).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(first)
+            .unwrap()
+            .set_len(len + 4096)
+            .unwrap();
+        match SledStore::open(config(&data, 100)) {
+            Err(crate::storage::StoreError::CorruptJournal {
+                segment,
+                offset,
+                detail,
+            }) => {
+                assert_eq!(&segment, first);
+                assert_eq!(offset, len);
+                assert!(detail.contains("not the last"), "{detail}");
+            }
+            other => panic!("expected CorruptJournal, got {other:?}"),
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! writer that appends to it lives in `storage::writer`.
 
 pub mod frame;
+pub(crate) mod prepare;
 pub(crate) mod scan;
 pub mod segment;
 
