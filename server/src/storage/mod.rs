@@ -13,14 +13,18 @@
 //!   a batch makes is a blind put or remove, so re-applying a suffix yields the same state.
 //! - A record that fails its checksum is an error naming the entity or the journal position;
 //!   it is never skipped silently.
-//! - Only the last journal segment can have a torn tail: the writer syncs a segment before it
+//! - Only the last journal segment can have a torn tail or a zero tail (segments are
+//!   preallocated with zeros): the writer syncs a segment and cuts it to its data before it
 //!   starts the next, and a checkpoint deletes only segments wholly behind the position it
 //!   made durable in sled.
+//! - A `.prep` file in the journal directory (a segment being prepared) is never journal data:
+//!   segment listings ignore it and open deletes it.
 //!
 //! Layout:
 //! - [`sled_store`]: [`SledStore`], the `Store` implementation: open, the async methods, close.
-//! - [`journal`]: segment files and the frame format; helpers to find records on disk.
-//! - `writer`: the group-commit thread that appends, syncs and applies.
+//! - [`journal`]: segment files (preallocated, prepared ahead by a background thread) and the
+//!   frame format; helpers to find records on disk.
+//! - `writer`: the group-commit thread that writes, syncs, rolls segments and applies.
 //! - `apply`: what each [`Op`] writes to sled (shared by live commits and replay).
 //! - [`keys`], `record`: the sled key layout and the checksummed value encoding.
 //! - `state`: the sled database, its trees and metadata, and the reads (`load`, `list`,

@@ -2,10 +2,18 @@
 //! overlays (the checkpoint that follows writes them to sled, in the background).
 //!
 //! **Owns**: deciding, segment by segment, what is a torn tail (cut off with a warning),
-//! what is damage (open fails with [`StoreError::CorruptJournal`]) and which entities a damaged
-//! record makes corrupt (an `x` marker, so `load` refuses them by name).
+//! what is the zero tail of a killed writer's preallocated segment (cut off quietly), what is
+//! damage (open fails with [`StoreError::CorruptJournal`]) and which entities a damaged record
+//! makes corrupt (an `x` marker, so `load` refuses them by name). Stale prepared (`.prep`)
+//! segment files are no business of recovery: they are not journal segments, never read here,
+//! and `SledStore::open` deletes them.
 //!
 //! The rules, for the frames after the checkpoint position P:
+//! - Only zero bytes from some offset to the end of the last segment: the normal end of a
+//!   segment the writer was filling when the process died (segments are preallocated with
+//!   zeros, see `journal::segment`). The segment is truncated there (logged at `info`). In a
+//!   segment that is not the last, it is `CorruptJournal`: the writer cuts a segment to its
+//!   data and syncs it before it starts the next.
 //! - A head that does not verify, in the last segment, with no verifying head anywhere after
 //!   it, or a frame running past the end of the last segment: a torn tail. The segment is
 //!   truncated there.
@@ -48,6 +56,9 @@ pub struct RecoveryReport {
     pub frames_replayed: u64,
     /// Torn tails cut off: the segment and the offset it was truncated at.
     pub torn_tails: Vec<(PathBuf, u64)>,
+    /// The preallocated zeros cut off the last segment (a writer killed while filling it):
+    /// the segment and the offset it was truncated at, the end of its data.
+    pub zero_tail: Option<(PathBuf, u64)>,
     /// Entities marked corrupt: shard, entity and the marker's detail.
     pub corrupt_entities: Vec<(u32, EntityId, String)>,
     /// The id of the segment the writer starts.
@@ -113,6 +124,17 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
                     ),
                 });
             }
+            ScanEnd::ZeroTail { offset } => {
+                let offset = *offset;
+                if !is_last {
+                    return Err(StoreError::CorruptJournal {
+                        segment: path,
+                        offset,
+                        detail: "only zero bytes from here to the end, in a segment that is not the last (a finished segment is cut to its data)".into(),
+                    });
+                }
+                Some(Cut::ZeroTail(offset))
+            }
             ScanEnd::Torn { offset, detail } | ScanEnd::Incomplete { offset, detail } => {
                 let offset = *offset;
                 if !is_last {
@@ -123,12 +145,15 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
                     });
                 }
                 tracing::warn!(segment = %path.display(), offset, detail = %detail, "torn journal tail");
-                Some(offset)
+                Some(Cut::Torn(offset))
             }
         };
         // A bad body is a torn tail only if nothing verifiable follows it, not even an
         // incomplete frame.
-        let nothing_after = matches!(scanned.end, ScanEnd::Clean | ScanEnd::Torn { .. });
+        let nothing_after = matches!(
+            scanned.end,
+            ScanEnd::Clean | ScanEnd::Torn { .. } | ScanEnd::ZeroTail { .. }
+        );
         if is_last && nothing_after && scanned.frames.last().is_some_and(|f| !f.body_ok) {
             if let Some(frame) = scanned.frames.pop() {
                 tracing::warn!(
@@ -137,7 +162,7 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
                     entity = %frame.head.entity,
                     "the last journal record failed its body CRC32C check with nothing after it: torn tail"
                 );
-                cut_at = Some(frame.offset);
+                cut_at = Some(Cut::Torn(frame.offset));
             }
         }
 
@@ -145,13 +170,35 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
             replay_frame(state, &path, &bytes, frame, &mut skipped, &mut report)?;
         }
 
-        if let Some(offset) = cut_at {
-            truncate(&path, offset)?;
-            tracing::warn!(segment = %path.display(), offset, "journal segment truncated at its torn tail");
-            report.torn_tails.push((path, offset));
+        match cut_at {
+            None => {}
+            Some(Cut::Torn(offset)) => {
+                truncate(&path, offset)?;
+                tracing::warn!(segment = %path.display(), offset, "journal segment truncated at its torn tail");
+                report.torn_tails.push((path, offset));
+            }
+            Some(Cut::ZeroTail(offset)) => {
+                truncate(&path, offset)?;
+                tracing::info!(
+                    segment = %path.display(),
+                    offset,
+                    len = bytes.len(),
+                    "the last journal segment ends in preallocated zeros (the writer stopped without closing it); truncated to its data"
+                );
+                report.zero_tail = Some((path, offset));
+            }
         }
     }
     Ok(report)
+}
+
+/// Where the last segment is cut, and why.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// A torn tail: an interrupted append.
+    Torn(u64),
+    /// Preallocated zeros after the data.
+    ZeroTail(u64),
 }
 
 fn replay_frame(
@@ -229,4 +276,169 @@ fn truncate(path: &Path, offset: u64) -> Result<(), StoreError> {
         .map_err(|e| io_error(context(), e))?;
     file.set_len(offset).map_err(|e| io_error(context(), e))?;
     file.sync_all().map_err(|e| io_error(context(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::address::EntityId;
+    use crate::storage::journal::segment::{prepared_file_name, PREPARED_EXTENSION};
+    use crate::storage::journal::{locate_frames, segment_paths};
+    use crate::storage::{Durability, EntityBatch, Op, SledStore, Store, StoreConfig};
+
+    fn config(data_dir: &Path, segment_bytes: u64) -> StoreConfig {
+        StoreConfig {
+            data_dir: data_dir.to_path_buf(),
+            shard_count: 2,
+            durability: Durability::Sync,
+            async_sync_window: Duration::from_millis(20),
+            checkpoint_interval: Duration::from_secs(3600),
+            checkpoint_journal_bytes: u64::MAX,
+            journal_segment_bytes: segment_bytes,
+            sled_cache_bytes: 8 << 20,
+            commits_pending_max: 64,
+        }
+    }
+
+    fn batch(key: &str, seq: u64) -> EntityBatch {
+        EntityBatch {
+            shard: 0,
+            entity: EntityId::new("counter", key).unwrap(),
+            ops: vec![Op::Event {
+                seq,
+                behaviour_version: 1,
+                payload: vec![seq as u8; 100],
+            }],
+        }
+    }
+
+    /// Copies the journal and state as a SIGKILL would leave them (the store is idle).
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let dest = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &dest);
+            } else {
+                std::fs::copy(entry.path(), &dest).unwrap();
+            }
+        }
+    }
+
+    fn prep_files(journal: &Path) -> Vec<String> {
+        std::fs::read_dir(journal)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(PREPARED_EXTENSION))
+            .collect()
+    }
+
+    async fn open(data_dir: &Path, segment_bytes: u64) -> Arc<SledStore> {
+        SledStore::open(config(data_dir, segment_bytes)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_kill_mid_segment_replays_every_frame_and_cuts_the_zero_tail() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let segment_bytes = 4 << 20;
+        let store = open(&data, segment_bytes).await;
+        for seq in 1..=50 {
+            store.commit(batch("k", seq)).await.unwrap();
+        }
+        let copy = root.path().join("killed");
+        copy_dir(&data, &copy);
+        store.close().await.unwrap();
+
+        let segment = segment_paths(&copy).unwrap().pop().unwrap();
+        let frames = locate_frames(&segment).unwrap();
+        assert_eq!(frames.len(), 50);
+        let data_end = frames.last().map(|f| f.offset + f.len).unwrap();
+        assert_eq!(
+            std::fs::metadata(&segment).unwrap().len(),
+            segment_bytes,
+            "the killed writer's segment is preallocated"
+        );
+        // A stale preparation holding a copy of real frames, under the next segment's name:
+        // never replayed, deleted at open.
+        let journal = copy.join("journal");
+        let stale = journal.join(prepared_file_name(u64::from(u32::MAX), "bg"));
+        std::fs::copy(&segment, &stale).unwrap();
+
+        let recovered = open(&copy, segment_bytes).await;
+        let report = recovered.recovery_report().clone();
+        assert_eq!(report.frames_replayed, 50);
+        assert!(report.torn_tails.is_empty(), "{report:?}");
+        assert_eq!(report.zero_tail, Some((segment.clone(), data_end)));
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), data_end);
+        assert!(!stale.exists(), "stale prepared files are deleted");
+        assert!(
+            report.next_segment < u64::from(u32::MAX),
+            "a prepared file's id is not a segment id: {report:?}"
+        );
+        let loaded = recovered
+            .load(0, &EntityId::new("counter", "k").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(loaded.events.len(), 50);
+        recovered.close().await.unwrap();
+        // A clean close leaves no preparation and the last segment cut to its data.
+        assert!(
+            prep_files(&journal).is_empty(),
+            "{:?}",
+            prep_files(&journal)
+        );
+        for segment in segment_paths(&copy).unwrap() {
+            let frames = locate_frames(&segment).unwrap();
+            let end = frames.last().map_or(0, |f| f.offset + f.len);
+            assert_eq!(std::fs::metadata(&segment).unwrap().len(), end);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_zero_tail_before_the_last_segment_is_corruption() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        // Every frame fills a segment, so each segment holds one frame.
+        let store = open(&data, 100).await;
+        for seq in 1..=3 {
+            store.commit(batch("k", seq)).await.unwrap();
+        }
+        // The writer rolls after it answers; wait for the fourth segment, then "kill".
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while segment_paths(&data).unwrap().len() < 4 {
+            assert!(std::time::Instant::now() < deadline, "no fourth segment");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let data_copy = root.path().join("killed");
+        copy_dir(&data, &data_copy);
+        store.close().await.unwrap();
+        let data = data_copy;
+        let segments = segment_paths(&data).unwrap();
+        assert_eq!(segments.len(), 4, "{segments:?}");
+        let first = &segments[0];
+        let len = std::fs::metadata(first).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(first)
+            .unwrap()
+            .set_len(len + 4096)
+            .unwrap();
+        match SledStore::open(config(&data, 100)) {
+            Err(crate::storage::StoreError::CorruptJournal {
+                segment,
+                offset,
+                detail,
+            }) => {
+                assert_eq!(&segment, first);
+                assert_eq!(offset, len);
+                assert!(detail.contains("not the last"), "{detail}");
+            }
+            other => panic!("expected CorruptJournal, got {other:?}"),
+        }
+    }
 }

@@ -5,7 +5,8 @@
 //! the engine calls. Encoding a batch (frame and sled writes) happens here, in the committing
 //! task, so the writer thread only copies bytes, syncs and applies.
 //!
-//! Layout of a data dir: `state/` is the sled database, `journal/` the segment files.
+//! Layout of a data dir: `state/` is the sled database, `journal/` the segment files (and at
+//! most a few `.prep` files: segments being prepared, see `journal::segment`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +26,7 @@ use super::apply::plan;
 use super::checkpoint::{run_checkpointer, CheckpointRequest};
 use super::fsync::{io_error, sled_error, sync_dir};
 use super::journal::frame::{body_len, encode_frame, FRAME_BODY_BYTES_MAX};
-use super::journal::segment::{journal_dir, OpenSegment};
+use super::journal::segment::{journal_dir, remove_prepared, OpenSegment};
 use super::journal::JournalPosition;
 use super::recovery::{recover, RecoveryReport};
 use super::shared::{Counters, Shared, StoreStats};
@@ -91,7 +92,17 @@ impl SledStore {
             corrupt_entities = recovery.corrupt_entities.len(),
             "journal replayed"
         );
-        let segment = OpenSegment::create(&journal_dir, recovery.next_segment)?;
+        // A `.prep` file is a segment prepared but never installed: not journal data.
+        let stale = remove_prepared(&journal_dir)?;
+        if stale > 0 {
+            tracing::debug!(files = stale, "deleted stale prepared journal segments");
+        }
+        // The first segment is prepared here; the writer's preparer makes the next ones ahead.
+        let segment = OpenSegment::create(
+            &journal_dir,
+            recovery.next_segment,
+            config.journal_segment_bytes,
+        )?;
         let start = JournalPosition {
             segment: segment.id,
             offset: 0,

@@ -78,7 +78,14 @@ fn copy_dir(from: &Path, to: &Path) {
         if entry.file_type().unwrap().is_dir() {
             copy_dir(&path, &dest);
         } else {
-            std::fs::copy(&path, &dest).unwrap();
+            // A file deleted between listing and copying (a journal segment the start-up
+            // checkpoint removes in the background) is left out, as a crash right after the
+            // deletion would leave it.
+            match std::fs::copy(&path, &dest) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path.exists() => {}
+                Err(e) => panic!("copying {}: {e}", path.display()),
+            }
         }
     }
 }
@@ -440,19 +447,31 @@ async fn zeros_or_garbage_after_the_last_frame_are_cut() {
     println!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let garbage: Vec<u8> = (0..3000).map(|_| rng.gen()).collect();
-    for tail in [vec![0u8; 4096], garbage] {
+    for (tail, is_zero) in [(vec![0u8; 4096], true), (garbage, false)] {
         let (_c, attempt) = crash_copy(&copy);
         let segment = last_segment(&attempt);
-        let clean_len = std::fs::metadata(&segment).unwrap().len();
+        // The segment of a killed writer is preallocated: its data, then zeros. Cut it to its
+        // data, then put the tail right after the data.
+        let clean_len = locate_frames(&segment)
+            .unwrap()
+            .last()
+            .map_or(0, |f| f.offset + f.len);
         let mut bytes = std::fs::read(&segment).unwrap();
+        assert!(bytes[clean_len as usize..].iter().all(|b| *b == 0));
+        bytes.truncate(clean_len as usize);
         bytes.extend_from_slice(&tail);
         std::fs::write(&segment, bytes).unwrap();
 
         let store = reopen(root.path(), &attempt).unwrap();
-        assert_eq!(
-            store.recovery_report().torn_tails,
-            vec![(segment.clone(), clean_len)]
-        );
+        let report = store.recovery_report();
+        if is_zero {
+            assert!(report.torn_tails.is_empty(), "{report:?}");
+            assert_eq!(report.zero_tail, Some((segment.clone(), clean_len)));
+        } else {
+            assert_eq!(report.torn_tails, vec![(segment.clone(), clean_len)]);
+            assert_eq!(report.zero_tail, None);
+        }
+        assert_eq!(std::fs::metadata(&segment).unwrap().len(), clean_len);
         assert_present(&store, &keys).await;
         store.commit(batch(0, "f", vec![event(1)])).await.unwrap();
         store.close().await.unwrap();

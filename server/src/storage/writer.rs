@@ -1,13 +1,22 @@
 //! The group-commit writer: the one thread that appends to the journal.
 //!
-//! **Owns**: the open journal segment, `fdatasync`, segment rolling, and applying committed
-//! batches to the shards' overlays in commit order.
+//! **Owns**: the open journal segment, `fdatasync`, segment rolling (with the
+//! [`SegmentPreparer`] that prepares the next segment ahead), and applying committed batches
+//! to the shards' overlays in commit order.
+//!
+//! Segments are preallocated with synced zeros (see `journal::segment`), so a round's write
+//! overwrites blocks that exist and its `fdatasync` flushes data only, without a filesystem
+//! journal commit for a changed file size. A roll syncs the full segment, cuts it to its data
+//! and syncs that, and only then installs the next one (prepared in the background while this
+//! one filled, or prepared on the spot if it is not ready). A clean stop cuts the open segment
+//! to its data too, so only a segment the process died while writing ends in zeros.
 //!
 //! A round: take the first [`Submission`], drain whatever else is already queued (up to
 //! [`ROUND_BYTES_MAX`]), append every frame with one `write`, `fdatasync` once, apply each
 //! batch to its shard's in-memory overlay (sled receives it at the next checkpoint: the
-//! journal is what makes it durable until then), then wake every waiter. With `Durability::Async` the waiters are woken before the sync,
-//! which follows within the configured window (`recv_timeout` wakes the thread for it).
+//! journal is what makes it durable until then), then wake every waiter. With
+//! `Durability::Async` the waiters are woken before the sync, which follows within the
+//! configured window (`recv_timeout` wakes the thread for it).
 //!
 //! Napkin math: one `fdatasync` on this kind of machine takes ~150 µs, so one-sync-per-commit
 //! tops out near 6 000 commits/s; a round carries every commit that arrived during the
@@ -28,6 +37,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::apply::SledOp;
+use super::journal::prepare::SegmentPreparer;
 use super::journal::segment::OpenSegment;
 use super::journal::JournalPosition;
 use super::shared::{Counters, Shared};
@@ -65,6 +75,8 @@ pub(crate) struct Writer {
     config: WriterConfig,
     journal_dir: PathBuf,
     segment: OpenSegment,
+    /// Prepares the segment after `segment` in the background.
+    preparer: SegmentPreparer,
     shared: Arc<Shared>,
     /// Why the writer refuses everything, once a write, sync or apply failed.
     poisoned: Option<String>,
@@ -80,7 +92,8 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// A writer appending to `segment`, which is new and empty.
+    /// A writer appending to `segment`, which is new and empty. Starts preparing the next
+    /// segment in the background.
     pub(crate) fn new(
         config: WriterConfig,
         journal_dir: PathBuf,
@@ -94,10 +107,13 @@ impl Writer {
         };
         shared.writer_segment.store(segment.id, Ordering::SeqCst);
         *shared.checkpointable.lock() = start;
+        let mut preparer = SegmentPreparer::new(journal_dir.clone(), config.segment_bytes_max);
+        preparer.start(segment.id + 1);
         Writer {
             config,
             journal_dir,
             segment,
+            preparer,
             shared,
             poisoned: None,
             unsynced_since: None,
@@ -109,8 +125,9 @@ impl Writer {
         }
     }
 
-    /// Runs until every sender of `submissions` is gone, then syncs what is unsynced.
-    /// Returns why the writer was poisoned, if it was.
+    /// Runs until every sender of `submissions` is gone, then syncs what is unsynced, stops the
+    /// preparer (deleting what it prepared) and cuts the open segment to its data. Returns why
+    /// the writer was poisoned, if it was.
     pub(crate) fn run(mut self, submissions: Receiver<Submission>) -> Option<String> {
         loop {
             let first = match self.sync_deadline() {
@@ -145,6 +162,18 @@ impl Writer {
         }
         if self.unsynced_since.is_some() {
             self.sync_now();
+        }
+        self.preparer.stop();
+        // A poisoned writer leaves the segment as it is: after a failed write or sync nothing
+        // about the file can be assumed, and recovery sorts out where its data ends.
+        if self.poisoned.is_none() {
+            if let Err(e) = self.segment.finish() {
+                self.poison(&format!(
+                    "cutting journal segment {} to its {} bytes of data at close failed: {e}",
+                    self.segment.path.display(),
+                    self.segment.len
+                ));
+            }
         }
         self.poisoned
     }
@@ -254,7 +283,7 @@ impl Writer {
         }
     }
 
-    /// Publishes the position a checkpoint may record: applied to sled and synced.
+    /// Publishes the position a checkpoint may record: applied to the overlays and synced.
     fn publish(&self) {
         *self.shared.checkpointable.lock() = self.applied.min(self.synced);
     }
@@ -286,8 +315,9 @@ impl Writer {
         }
     }
 
-    /// Starts a new segment once the current one is past its size. The old one is synced
-    /// first, so only the last segment can ever have a torn tail.
+    /// Starts a new segment once the current one is past its size. The old one is synced and
+    /// cut to its data (and that synced) first, so only the last segment can ever have a torn
+    /// or zero tail.
     fn roll_if_full(&mut self) {
         if self.poisoned.is_some() || self.segment.len < self.config.segment_bytes_max {
             return;
@@ -296,10 +326,24 @@ impl Writer {
         if self.synced < old_end && self.sync_segment().is_err() {
             return;
         }
-        match OpenSegment::create(&self.journal_dir, self.segment.id + 1) {
+        if let Err(e) = self.segment.finish() {
+            self.poison(&format!(
+                "cutting full journal segment {} to its {} bytes of data failed: {e}",
+                self.segment.path.display(),
+                self.segment.len
+            ));
+            return;
+        }
+        let next_id = self.segment.id + 1;
+        let next = self
+            .preparer
+            .take(next_id)
+            .and_then(|prepared| prepared.install(&self.journal_dir));
+        match next {
             Ok(next) => {
                 tracing::debug!(segment = %next.path.display(), "journal segment started");
                 self.segment = next;
+                self.preparer.start(next_id + 1);
                 self.shared
                     .writer_segment
                     .store(self.segment.id, Ordering::SeqCst);
@@ -399,7 +443,8 @@ mod tests {
             WriterConfig {
                 durability: Durability::Sync,
                 async_sync_window: Duration::from_millis(10),
-                segment_bytes_max: u64::MAX,
+                // Small: the writer prepares the next segment (in `dir`) at this size.
+                segment_bytes_max: 4096,
                 round_bytes_max: ROUND_BYTES_MAX,
                 checkpoint_journal_bytes: u64::MAX,
             },
@@ -437,6 +482,73 @@ mod tests {
                 offset: 0
             },
             "the checkpointable position never moved"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_roll_cuts_the_full_segment_to_its_data_and_the_next_is_prepared() {
+        use crate::storage::journal::{locate_frames, segment_paths};
+        use crate::storage::{SledStore, Store, StoreConfig};
+
+        let dir = tempfile::tempdir().unwrap();
+        let segment_bytes = 64 * 1024;
+        let store = SledStore::open(StoreConfig {
+            data_dir: dir.path().join("data"),
+            shard_count: 1,
+            durability: Durability::Sync,
+            async_sync_window: Duration::from_millis(20),
+            checkpoint_interval: Duration::from_secs(3600),
+            checkpoint_journal_bytes: u64::MAX,
+            journal_segment_bytes: segment_bytes,
+            sled_cache_bytes: 8 << 20,
+            commits_pending_max: 64,
+        })
+        .unwrap();
+        let data_dir = dir.path().join("data");
+        let mut seq = 0;
+        while segment_paths(&data_dir).unwrap().len() < 3 {
+            seq += 1;
+            store
+                .commit(EntityBatch {
+                    shard: 0,
+                    entity: EntityId::new("t", "k").unwrap(),
+                    ops: vec![Op::Event {
+                        seq,
+                        behaviour_version: 1,
+                        payload: vec![7; 1000],
+                    }],
+                })
+                .await
+                .unwrap();
+            assert!(seq < 1000, "no roll after {seq} commits");
+        }
+        let segments = segment_paths(&data_dir).unwrap();
+        let data_len = |path: &std::path::Path| {
+            locate_frames(path)
+                .unwrap()
+                .last()
+                .map_or(0, |f| f.offset + f.len)
+        };
+        for full in &segments[..segments.len() - 1] {
+            let len = std::fs::metadata(full).unwrap().len();
+            assert!(len >= segment_bytes, "{}: {len}", full.display());
+            assert_eq!(len, data_len(full), "{} is cut to its data", full.display());
+        }
+        let open = segments.last().unwrap();
+        assert_eq!(
+            std::fs::metadata(open).unwrap().len(),
+            segment_bytes,
+            "the open segment is preallocated"
+        );
+        store.close().await.unwrap();
+        assert_eq!(std::fs::metadata(open).unwrap().len(), data_len(open));
+        let names: Vec<String> = std::fs::read_dir(data_dir.join("journal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| n.ends_with(".wal")),
+            "no prepared file left after close: {names:?}"
         );
     }
 }

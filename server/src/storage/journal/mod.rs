@@ -1,12 +1,17 @@
 //! The write-ahead journal: segment files of CRC32C-framed records, one frame per
 //! [`EntityBatch`](super::EntityBatch).
 //!
-//! **Owns**: the frame format ([`frame`]), segment files ([`segment`]), reading segments back
-//! (`scan`), and the public helpers tools and end-to-end tests use to find records on disk
-//! ([`segment_paths`], [`locate_frames`]). It knows nothing about sled; the group-commit
-//! writer that appends to it lives in `storage::writer`.
+//! **Owns**: the frame format ([`frame`]), segment files and their preallocation
+//! ([`segment`]), preparing the next segment on a background thread (`prepare`), reading
+//! segments back (`scan`), and the public helpers tools and end-to-end tests use to find
+//! records on disk ([`segment_paths`], [`locate_frames`]). It knows nothing about sled; the
+//! group-commit writer that writes to it lives in `storage::writer`.
+//!
+//! A segment file is its frames, back to back from offset 0, then — only in the last segment,
+//! if the writer did not stop cleanly — zeros to its preallocated size.
 
 pub mod frame;
+pub(crate) mod prepare;
 pub(crate) mod scan;
 pub mod segment;
 
@@ -57,7 +62,8 @@ pub fn segment_paths(data_dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
 }
 
 /// The frames of a segment file whose heads verify, in file order, up to the first offset
-/// where no head verifies. A frame whose body is damaged is still listed.
+/// where no head verifies (a preallocated zero tail ends the list). A frame whose body is
+/// damaged is still listed.
 pub fn locate_frames(segment: &Path) -> Result<Vec<FrameLocation>, StoreError> {
     let bytes = std::fs::read(segment)
         .map_err(|e| io_error(format!("reading journal segment {}", segment.display()), e))?;
