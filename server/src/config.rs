@@ -49,7 +49,9 @@ pub struct Config {
     pub dead_letter_after_crashes: u32,
     /// Checkpoint (flush sled, trim the journal) at least this often.
     pub checkpoint_interval_ms: u64,
-    /// …and whenever this many journal bytes were written since the last checkpoint.
+    /// …and whenever this many journal bytes were written since the last checkpoint, or the
+    /// writes not yet in sled (the overlays) hold this much memory. Commits wait while the
+    /// overlays hold twice this (checkpoints are not keeping up).
     pub checkpoint_journal_bytes: u64,
     /// Start a new journal segment file past this size.
     pub journal_segment_bytes: u64,
@@ -188,7 +190,7 @@ impl Default for Config {
             dedup_per_entity_max: 256,
             dead_letter_after_crashes: 3,
             checkpoint_interval_ms: 5_000,
-            checkpoint_journal_bytes: 256 << 20,
+            checkpoint_journal_bytes: 64 << 20,
             journal_segment_bytes: 64 << 20,
             sled_cache_bytes: 256 << 20,
             commits_pending_max: 65_536,
@@ -310,6 +312,13 @@ impl Config {
                 "async_sync_window_ms",
                 &self.async_sync_window_ms,
                 "must be at least 1",
+            );
+        }
+        if self.checkpoint_journal_bytes < 1 << 20 {
+            return invalid(
+                "checkpoint_journal_bytes",
+                &self.checkpoint_journal_bytes,
+                "must be at least 1 MiB",
             );
         }
         if self.journal_segment_bytes < 1 << 20 {
@@ -444,5 +453,15 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().is_err());
+        // Below 1 MiB every round would ask for a checkpoint and stall on a tiny overlay.
+        let config = Config {
+            checkpoint_journal_bytes: 4096,
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("checkpoint_journal_bytes"));
     }
 }

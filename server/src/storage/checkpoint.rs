@@ -64,6 +64,10 @@ pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreErro
     for (shard, layers) in shards.iter().zip(&frozen) {
         shard.overlay.release(layers.len());
     }
+    {
+        let _waiting = shared.overlay_lock.lock();
+        shared.overlay_released.notify_all();
+    }
 
     // Only now is sled durable up to `position`; the segments before it can go. The
     // writer's own segment is never deleted, and P never points past it.

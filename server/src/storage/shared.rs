@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::journal::JournalPosition;
 use super::state::State;
@@ -26,7 +26,22 @@ pub(crate) struct Shared {
     /// Set when the writer asked for a checkpoint and the checkpointer has not started it
     /// yet, so requests coalesce instead of queueing one checkpoint per round.
     pub checkpoint_requested: AtomicBool,
+    /// Signalled (under `overlay_lock`) when a checkpoint dropped the overlay layers it wrote
+    /// to sled: a writer stalled on a full overlay waits for it.
+    pub overlay_released: Condvar,
+    pub overlay_lock: Mutex<()>,
     pub counters: Counters,
+}
+
+impl Shared {
+    /// The memory every shard's overlay holds (an estimate). Never waits.
+    pub(crate) fn overlay_bytes(&self) -> u64 {
+        self.state
+            .shards
+            .iter()
+            .map(|shard| shard.overlay.bytes() as u64)
+            .sum()
+    }
 }
 
 /// Monotonic counters, for tests and metrics.
@@ -38,6 +53,7 @@ pub(crate) struct Counters {
     pub journal_bytes: AtomicU64,
     pub checkpoints: AtomicU64,
     pub segments_deleted: AtomicU64,
+    pub overlay_stalls: AtomicU64,
 }
 
 impl Counters {
@@ -54,6 +70,7 @@ impl Counters {
             journal_bytes: get(&self.journal_bytes),
             checkpoints: get(&self.checkpoints),
             segments_deleted: get(&self.segments_deleted),
+            overlay_stalls: get(&self.overlay_stalls),
             overlay_bytes: 0,
         }
     }
@@ -74,6 +91,8 @@ pub struct StoreStats {
     pub checkpoints: u64,
     /// Journal segments deleted by checkpoints.
     pub segments_deleted: u64,
+    /// Times the writer waited for a checkpoint because the overlays were full.
+    pub overlay_stalls: u64,
     /// Memory held by committed writes not yet in sled (the shards' overlays), an estimate.
     /// A gauge, not a counter: checkpoints bring it back down.
     pub overlay_bytes: u64,

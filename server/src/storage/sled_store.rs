@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 
 use super::Durable;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::address::{EntityId, TYPE_BYTES_MAX};
@@ -115,6 +115,8 @@ impl SledStore {
             writer_segment: AtomicU64::new(segment.id),
             checkpoint_lock: Mutex::new(None),
             checkpoint_requested: AtomicBool::new(false),
+            overlay_released: Condvar::new(),
+            overlay_lock: Mutex::new(()),
             counters: Counters::default(),
         });
         // Everything replayed is in the overlays now. The checkpoint that writes it to sled and drops
@@ -198,13 +200,7 @@ impl SledStore {
     /// Counters since the store was opened.
     pub fn stats(&self) -> StoreStats {
         let mut stats = self.shared.counters.snapshot();
-        stats.overlay_bytes = self
-            .shared
-            .state
-            .shards
-            .iter()
-            .map(|shard| shard.overlay.bytes() as u64)
-            .sum();
+        stats.overlay_bytes = self.shared.overlay_bytes();
         stats
     }
 
@@ -264,6 +260,9 @@ fn validate_config(config: &StoreConfig) -> Result<(), StoreError> {
     }
     if config.journal_segment_bytes == 0 {
         return invalid("journal_segment_bytes must be at least 1".into());
+    }
+    if config.checkpoint_journal_bytes == 0 {
+        return invalid("checkpoint_journal_bytes must be at least 1".into());
     }
     Ok(())
 }

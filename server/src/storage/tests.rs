@@ -1618,3 +1618,53 @@ async fn a_data_dir_in_use_is_refused_with_a_clear_error() {
     let again = SledStore::open(config(root.path())).unwrap();
     again.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Holding the checkpoint lock across awaits is the point: no checkpoint can run meanwhile.
+#[allow(clippy::await_holding_lock)]
+async fn commits_wait_for_a_checkpoint_when_the_overlays_are_full() {
+    let root = tempfile::tempdir().unwrap();
+    let limit = 16 * 1024;
+    let store = SledStore::open(StoreConfig {
+        checkpoint_journal_bytes: limit,
+        ..config(root.path())
+    })
+    .unwrap();
+    let stall_at = limit * crate::storage::writer::OVERLAY_STALL_FACTOR;
+    let shared = Arc::clone(store.shared());
+    let hold = shared.checkpoint_lock.lock();
+    let payload = vec![7u8; 200];
+    let commits: Vec<_> = (0..1000u32)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                let op = Op::Event {
+                    seq: 1,
+                    behaviour_version: 1,
+                    payload,
+                };
+                store.commit(batch(i % 4, &format!("k{i}"), vec![op])).await
+            })
+        })
+        .collect();
+    wait_for("the writer to stall", || store.stats().overlay_stalls == 1).await;
+    let stats = store.stats();
+    assert!(stats.overlay_bytes >= stall_at, "{stats:?}");
+    assert!(
+        stats.commits < 1000,
+        "the stalled writer holds the rest back: {stats:?}"
+    );
+    drop(hold);
+    for commit in commits {
+        commit.await.unwrap().unwrap();
+    }
+    let stats = store.stats();
+    assert_eq!(stats.commits, 1000);
+    assert!(stats.checkpoints >= 1, "{stats:?}");
+    for i in [0u32, 500, 999] {
+        let loaded = store.load(i % 4, &id(&format!("k{i}"))).await.unwrap();
+        assert_eq!(loaded.events.len(), 1);
+    }
+    store.close().await.unwrap();
+}

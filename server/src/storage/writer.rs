@@ -47,6 +47,9 @@ use super::{Durability, StoreError};
 /// by one frame, since the frame that crosses the line is already taken).
 pub const ROUND_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// The writer stalls while the overlays hold this many times `checkpoint_journal_bytes`.
+pub const OVERLAY_STALL_FACTOR: u64 = 2;
+
 /// One batch handed to the writer: encoded by the committing task, so the writer only copies.
 pub(crate) struct Submission {
     /// The encoded journal frame.
@@ -359,11 +362,44 @@ impl Writer {
         }
     }
 
+    /// Asks for a checkpoint once the journal bytes written since the last request, or the
+    /// overlays' size, reach `checkpoint_journal_bytes`. While the overlays hold more than
+    /// [`OVERLAY_STALL_FACTOR`] times that (checkpoints are not keeping up), the writer waits
+    /// for one to bring them down: commits slow down instead of memory growing without bound.
     fn request_checkpoint_if_due(&mut self) {
+        let limit = self.config.checkpoint_journal_bytes;
         self.bytes_since_checkpoint_request += self.buffer.len() as u64;
-        if self.bytes_since_checkpoint_request >= self.config.checkpoint_journal_bytes {
+        let overlay_bytes = self.shared.overlay_bytes();
+        if self.bytes_since_checkpoint_request >= limit || overlay_bytes >= limit {
             self.bytes_since_checkpoint_request = 0;
             (self.request_checkpoint)();
+        }
+        let stall_at = limit.saturating_mul(OVERLAY_STALL_FACTOR);
+        if overlay_bytes >= stall_at {
+            self.wait_for_checkpoint(stall_at);
+        }
+    }
+
+    fn wait_for_checkpoint(&mut self, stall_at: u64) {
+        let started = Instant::now();
+        let mut warned = false;
+        let mut waiting = self.shared.overlay_lock.lock();
+        if self.shared.overlay_bytes() >= stall_at {
+            Counters::add(&self.shared.counters.overlay_stalls, 1);
+        }
+        while self.shared.overlay_bytes() >= stall_at {
+            (self.request_checkpoint)();
+            if !warned && started.elapsed() >= Duration::from_secs(1) {
+                warned = true;
+                tracing::warn!(
+                    overlay_bytes = self.shared.overlay_bytes(),
+                    stall_at,
+                    "commits wait for a checkpoint: the overlays of writes not yet in sled are full"
+                );
+            }
+            self.shared
+                .overlay_released
+                .wait_for(&mut waiting, Duration::from_secs(1));
         }
     }
 
@@ -434,6 +470,8 @@ mod tests {
             writer_segment: AtomicU64::new(0),
             checkpoint_lock: Mutex::new(None),
             checkpoint_requested: AtomicBool::new(false),
+            overlay_released: parking_lot::Condvar::new(),
+            overlay_lock: Mutex::new(()),
             counters: Counters::default(),
         });
         // Every write to /dev/full fails with ENOSPC.
