@@ -15,8 +15,9 @@
 
 use tracing::info;
 
-/// The format version this build reads and writes. Version 1 is the initial layout.
-pub const CURRENT_FORMAT_VERSION: u32 = 1;
+/// The format version this build reads and writes. Version 1 is the initial layout; version 2
+/// may store several events of an entity as one run value (see [`migrations`]).
+pub const CURRENT_FORMAT_VERSION: u32 = 2;
 
 /// The sled tree holding data-dir metadata.
 pub const META_TREE: &str = "meta";
@@ -90,9 +91,16 @@ pub enum PrepareOutcome {
     Migrated { from: u32, to: u32 },
 }
 
-/// The known migration steps, in order. Empty today: version 1 is the initial layout.
+/// The known migration steps, in order.
 pub fn migrations() -> Vec<Migration> {
-    Vec::new()
+    vec![Migration {
+        from_version: 1,
+        description: "events may be stored as runs (value format 2) under their last event's key",
+        // Every version-1 value is a valid version-2 value: nothing to rewrite. The step
+        // exists so that a build that cannot read runs refuses the data dir as a whole
+        // (format too new) instead of reporting entities corrupt one by one.
+        step: |_| Ok(()),
+    }]
 }
 
 /// Brings the data dir in `db` to [`CURRENT_FORMAT_VERSION`] with the steps of [`migrations`].
@@ -284,6 +292,25 @@ mod tests {
                 step: step2,
             },
         ]
+    }
+
+    #[test]
+    fn a_version_1_data_dir_is_brought_to_the_current_version_unchanged() {
+        let (_dir, db) = temp_db();
+        open_meta(&db)
+            .unwrap()
+            .insert(FORMAT_VERSION_KEY, &1u32.to_be_bytes())
+            .unwrap();
+        let data = db.open_tree("shard-0").unwrap();
+        data.insert(b"j-some-event", b"value").unwrap();
+        assert_eq!(
+            prepare(&db).unwrap(),
+            PrepareOutcome::Migrated {
+                from: 1,
+                to: CURRENT_FORMAT_VERSION
+            }
+        );
+        assert_eq!(data.get(b"j-some-event").unwrap().unwrap(), b"value");
     }
 
     #[test]

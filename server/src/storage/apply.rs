@@ -11,8 +11,8 @@
 //! | op | writes |
 //! |---|---|
 //! | `Event{seq}` | put `j(seq)`; with seq 1 also put `e` |
-//! | `Snapshot{seq}` | put `s`, remove `j(0..=seq)`, put `e` |
-//! | `Delete` | remove `s`, `e`, `x`, every `j` and every record of every [`RecordKind`] |
+//! | `Snapshot{seq}` | put `s`, remove `j(0..=seq)` (and runs ending at `seq`), put `e` |
+//! | `Delete` | remove `s`, `e`, `x`, every `j` (events and runs) and every record of every [`RecordKind`] |
 //! | `PutRecord{kind,name}` | put `kind type key name` (value checksummed over the key) |
 //! | `RemoveRecord{kind,name}` | remove `kind type key name` |
 //! | `PutTimerDue{due_ms,name}` | put `t due_ms type key name` (checksummed empty value) |
@@ -73,9 +73,10 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
                 let key = keys::snapshot_key(entity);
                 let value = encode_value(&key, *seq, *behaviour_version, payload);
                 writes.push(SledOp::Put { key, value });
+                // Runs ending at `seq` too (their key follows the event's own).
                 writes.push(SledOp::RemoveRange {
                     from: keys::event_key(entity, 0),
-                    to_inclusive: keys::event_key(entity, *seq),
+                    to_inclusive: keys::event_run_key(&keys::event_key(entity, *seq)),
                 });
                 writes.push(exists(entity));
             }
@@ -89,9 +90,8 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
                 writes.push(SledOp::Remove {
                     key: keys::corrupt_key(entity),
                 });
-                writes.push(SledOp::RemoveRange {
-                    from: keys::event_key(entity, 0),
-                    to_inclusive: keys::event_key(entity, u64::MAX),
+                writes.push(SledOp::RemovePrefix {
+                    prefix: keys::event_prefix(entity),
                 });
                 for kind in RecordKind::ALL {
                     writes.push(SledOp::RemovePrefix {

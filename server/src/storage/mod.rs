@@ -35,6 +35,7 @@
 mod apply;
 mod checkpoint;
 mod codec;
+mod event_runs;
 mod fsync;
 pub mod journal;
 pub mod keys;

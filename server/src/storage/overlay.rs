@@ -33,6 +33,7 @@ use std::sync::Arc;
 use parking_lot::{RwLock, RwLockReadGuard};
 
 use super::apply::SledOp;
+use super::event_runs::RunWriter;
 
 /// What an entry costs besides its key and value bytes (tree node share, allocation headers):
 /// an estimate, for the layer's size.
@@ -182,9 +183,9 @@ impl Layer {
         self.points.is_empty() && self.cleared.len() == 0
     }
 
-    /// Writes the layer to `tree`: its cleared ranges first, then its points. Not atomic:
-    /// readers consult the layer before sled until it is dropped, so they never see the
-    /// difference.
+    /// Writes the layer to `tree`: its cleared ranges first, then its points, an entity's
+    /// events as one run ([`super::event_runs`]). Not atomic: readers consult the layer
+    /// before sled until it is dropped, so they never see the difference.
     pub(crate) fn write_to(&self, tree: &sled::Tree) -> sled::Result<()> {
         let mut batch = sled::Batch::default();
         let mut writes = 0;
@@ -209,13 +210,22 @@ impl Layer {
         // those ranges.
         tree.apply_batch(std::mem::take(&mut batch))?;
         writes = 0;
+        let mut runs = RunWriter::new();
         for (key, value) in &self.points {
             match value {
-                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
-                None => batch.remove(key.as_slice()),
+                Some(value) => {
+                    if let Some((key, value)) = runs.push(tree, &mut batch, key, value)? {
+                        batch.insert(key, value);
+                    }
+                }
+                None => {
+                    runs.finish(tree, &mut batch)?;
+                    batch.remove(key.as_slice());
+                }
             }
             flush_if_full(&mut batch, &mut writes)?;
         }
+        runs.finish(tree, &mut batch)?;
         tree.apply_batch(batch)
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::EntityId;
 
+use super::event_runs::decode_events;
 use super::fsync::sled_error;
 use super::journal::JournalPosition;
 use super::keys;
@@ -244,24 +245,12 @@ impl State {
         let mut events = Vec::new();
         for item in view.scan_prefix(&prefix) {
             let (key, value) = item.map_err(read_error)?;
-            let Some(seq) = keys::event_seq(&key, prefix.len()) else {
-                return Err(corrupt(format!(
-                    "an event key of {} bytes is malformed",
-                    key.len()
-                )));
-            };
-            let record =
-                decode_value(&key, &value).map_err(|d| corrupt(format!("event seq {seq}: {d}")))?;
-            if record.seq != seq {
-                return Err(corrupt(format!(
-                    "event stored under seq {seq} says it is seq {}",
-                    record.seq
-                )));
-            }
-            if seq > after {
-                events.push(record);
-            }
+            let stored = decode_events(&key, prefix.len(), &value).map_err(corrupt)?;
+            events.extend(stored.into_iter().filter(|event| event.seq > after));
         }
+        // Runs may overlap after a replay (see `event_runs`): one copy of each seq.
+        events.sort_by_key(|event| event.seq);
+        events.dedup_by_key(|event| event.seq);
         let mut records = Vec::new();
         for kind in RecordKind::LOADED {
             records.extend(entity_records(&view, entity, kind)?);

@@ -644,14 +644,26 @@ async fn a_snapshot_trims_the_events_behind_it() {
     // A checkpoint puts the overlay in sled, where the trimmed events must be gone.
     store.checkpoint().await.unwrap();
     let tree = &store.shared().state.shards[3].tree;
-    let event_keys: Vec<u64> = tree
-        .scan_prefix(keys::event_prefix(&id("s")))
+    let prefix = keys::event_prefix(&id("s"));
+    let stored: Vec<(u64, bool, Vec<u64>)> = tree
+        .scan_prefix(&prefix)
         .map(|item| {
-            let (key, _) = item.unwrap();
-            keys::event_seq(&key, key.len() - 8).unwrap()
+            let (key, value) = item.unwrap();
+            let seqs = crate::storage::event_runs::decode_events(&key, prefix.len(), &value)
+                .unwrap()
+                .iter()
+                .map(|event| event.seq)
+                .collect();
+            let run = key.len() > prefix.len() + 8;
+            let seq = keys::event_seq(&key[..prefix.len() + 8], prefix.len()).unwrap();
+            (seq, run, seqs)
         })
         .collect();
-    assert_eq!(event_keys, vec![4, 5]);
+    assert_eq!(
+        stored,
+        vec![(5, true, vec![4, 5])],
+        "one run of what is left, after seq 5"
+    );
 
     // Events and a snapshot covering all of them in one batch.
     store
@@ -948,11 +960,11 @@ async fn a_data_dir_of_a_newer_format_is_refused() {
 async fn a_damaged_value_in_sled_is_reported_by_load() {
     let root = tempfile::tempdir().unwrap();
     let store = SledStore::open(config(root.path())).unwrap();
-    store
-        .commit(batch(1, "v", vec![event(1), event(2)]))
-        .await
-        .unwrap();
-    store.checkpoint().await.unwrap();
+    // Two checkpoints, so each event is a value of its own in sled (not one run).
+    for seq in 1..=2 {
+        store.commit(batch(1, "v", vec![event(seq)])).await.unwrap();
+        store.checkpoint().await.unwrap();
+    }
     let tree = &store.shared().state.shards[1].tree;
     let key = keys::event_key(&id("v"), 2);
     let mut value = tree.get(&key).unwrap().unwrap().to_vec();
@@ -1659,12 +1671,55 @@ async fn commits_wait_for_a_checkpoint_when_the_overlays_are_full() {
     for commit in commits {
         commit.await.unwrap().unwrap();
     }
-    let stats = store.stats();
-    assert_eq!(stats.commits, 1000);
-    assert!(stats.checkpoints >= 1, "{stats:?}");
+    assert_eq!(store.stats().commits, 1000);
+    wait_for("the checkpoint that released the writer", || {
+        store.stats().checkpoints >= 1
+    })
+    .await;
     for i in [0u32, 500, 999] {
         let loaded = store.load(i % 4, &id(&format!("k{i}"))).await.unwrap();
         assert_eq!(loaded.events.len(), 1);
     }
+    store.close().await.unwrap();
+}
+
+/// A checkpoint may write frames past the position it records; after a crash, replay puts
+/// those events again, and they become a run overlapping the one in sled. Loads see each
+/// event once, before and after the next checkpoint.
+#[tokio::test]
+async fn events_written_again_by_replay_are_loaded_once() {
+    let root = tempfile::tempdir().unwrap();
+    let store = SledStore::open(config(root.path())).unwrap();
+    for seq in 1..=5 {
+        store.commit(batch(2, "r", vec![event(seq)])).await.unwrap();
+    }
+    store.checkpoint().await.unwrap();
+    // What replaying events 3..=5 again, then committing 6 and 7, leaves in the overlay.
+    let shard = &store.shared().state.shards[2];
+    shard
+        .overlay
+        .apply((3..=5).map(|seq| apply::plan(&id("r"), &[event(seq)])));
+    for seq in 6..=7 {
+        store.commit(batch(2, "r", vec![event(seq)])).await.unwrap();
+    }
+    let all: Vec<u64> = (1..=7).collect();
+    let loaded = store.load(2, &id("r")).await.unwrap();
+    assert_eq!(seqs(&loaded), (None, all.clone()));
+    store.checkpoint().await.unwrap();
+    let loaded = store.load(2, &id("r")).await.unwrap();
+    assert_eq!(seqs(&loaded), (None, all));
+    assert_eq!(
+        shard.tree.scan_prefix(keys::event_prefix(&id("r"))).count(),
+        2,
+        "runs under seq 5 (1..=5) and seq 7 (3..=7)"
+    );
+    // A snapshot at 6 trims the first run and leaves 7 from the second.
+    store
+        .commit(batch(2, "r", vec![snapshot(6)]))
+        .await
+        .unwrap();
+    store.checkpoint().await.unwrap();
+    let loaded = store.load(2, &id("r")).await.unwrap();
+    assert_eq!(seqs(&loaded), (Some(6), vec![7]));
     store.close().await.unwrap();
 }
