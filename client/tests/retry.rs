@@ -388,8 +388,14 @@ async fn retries_stop_at_the_timeout_and_each_attempt_gets_what_remains() {
     let started = Instant::now();
     let err = client.call("counter", "k", json!({})).await.unwrap_err();
     let elapsed = started.elapsed();
-    assert_eq!(err.code(), Code::Unavailable);
-    assert!(elapsed < Duration::from_millis(400), "{elapsed:?}");
+    // The last failure, or (on a loaded machine) the deadline reached during the last attempt.
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{err}"
+    );
+    // Without the deadline, 1000 attempts 100 ms apart would take 100 s; with it the call
+    // ends at about 400 ms (slack for a loaded machine: this is no timing measurement).
+    assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
     let attempts = fake.attempts();
     // Waits of 50..=100 ms: 4 to 8 attempts fit in 400 ms (3 on a very slow machine).
     assert!((3..=8).contains(&attempts.len()), "{attempts:?}");
