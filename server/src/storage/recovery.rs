@@ -32,6 +32,7 @@
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use crate::address::EntityId;
 
@@ -65,8 +66,100 @@ pub struct RecoveryReport {
     pub next_segment: u64,
 }
 
-/// Replays the journal in `journal_dir` after the checkpoint recorded in `state`.
+/// Replayed frames' writes, by shard, as they travel to an applier thread.
+type ReplayChunk = Vec<(u32, Vec<SledOp>)>;
+
+/// Frames whose writes travel to an applier thread together.
+const REPLAY_CHUNK_FRAMES: usize = 1024;
+
+/// Chunks of frames queued per applier; the reader waits when it is this far ahead.
+const REPLAY_CHUNKS_QUEUED: usize = 8;
+
+/// The most threads that apply replayed writes (one per core up to this).
+const REPLAY_APPLIERS_MAX: usize = 4;
+
+/// The writes of replayed frames, on their way to the threads that apply them to the
+/// overlays. Reading, checking and decoding the journal (this thread) costs less than
+/// inserting into the overlays' ordered maps, so several appliers share the shards (a shard
+/// always goes to the same one, which applies its writes in journal order; frames of
+/// different shards touch disjoint keys, so their relative order does not matter).
+struct ReplaySink {
+    /// Per applier, the frames not yet sent to it.
+    chunks: Vec<ReplayChunk>,
+    appliers: Vec<mpsc::SyncSender<ReplayChunk>>,
+}
+
+impl ReplaySink {
+    fn push(&mut self, shard: u32, writes: Vec<SledOp>) {
+        let n = shard as usize % self.appliers.len();
+        self.chunks[n].push((shard, writes));
+        if self.chunks[n].len() >= REPLAY_CHUNK_FRAMES {
+            self.send(n);
+        }
+    }
+
+    fn send(&mut self, n: usize) {
+        let chunk = std::mem::replace(&mut self.chunks[n], Vec::with_capacity(REPLAY_CHUNK_FRAMES));
+        if !chunk.is_empty() {
+            // An applier only stops once this sink is dropped.
+            let _ = self.appliers[n].send(chunk);
+        }
+    }
+
+    fn send_all(&mut self) {
+        for n in 0..self.appliers.len() {
+            self.send(n);
+        }
+    }
+}
+
+/// Replays the journal in `journal_dir` after the checkpoint recorded in `state` into the
+/// shards' overlays, each shard's frames in journal order.
 pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryReport, StoreError> {
+    let applier_count = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, REPLAY_APPLIERS_MAX);
+    std::thread::scope(|scope| {
+        let mut appliers = Vec::with_capacity(applier_count);
+        let mut threads = Vec::with_capacity(applier_count);
+        for n in 0..applier_count {
+            let (chunks, queue) = mpsc::sync_channel::<ReplayChunk>(REPLAY_CHUNKS_QUEUED);
+            let thread = std::thread::Builder::new()
+                .name(format!("statehouse-replay-{n}"))
+                .spawn_scoped(scope, move || {
+                    for chunk in queue {
+                        for (shard, writes) in chunk {
+                            if let Some(shard) = state.shards.get(shard as usize) {
+                                shard.overlay.apply([writes]);
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| io_error("starting a replay thread", e))?;
+            appliers.push(chunks);
+            threads.push(thread);
+        }
+        let mut sink = ReplaySink {
+            chunks: vec![Vec::with_capacity(REPLAY_CHUNK_FRAMES); applier_count],
+            appliers,
+        };
+        let replayed = replay_segments(state, journal_dir, &mut sink);
+        sink.send_all();
+        drop(sink);
+        for thread in threads {
+            if let Err(panic) = thread.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        replayed
+    })
+}
+
+fn replay_segments(
+    state: &State,
+    journal_dir: &Path,
+    sink: &mut ReplaySink,
+) -> Result<RecoveryReport, StoreError> {
     let checkpoint = state.read_checkpoint()?;
     let start = checkpoint.unwrap_or_default();
     let segments = list_segments(journal_dir)?;
@@ -167,7 +260,7 @@ pub(crate) fn recover(state: &State, journal_dir: &Path) -> Result<RecoveryRepor
         }
 
         for frame in &scanned.frames {
-            replay_frame(state, &path, &bytes, frame, &mut skipped, &mut report)?;
+            replay_frame(state, &path, &bytes, frame, &mut skipped, &mut report, sink)?;
         }
 
         match cut_at {
@@ -208,6 +301,7 @@ fn replay_frame(
     frame: &ScannedFrame,
     skipped: &mut HashSet<(u32, EntityId)>,
     report: &mut RecoveryReport,
+    sink: &mut ReplaySink,
 ) -> Result<(), StoreError> {
     let head = &frame.head;
     if head.shard >= state.shard_count() {
@@ -234,10 +328,7 @@ fn replay_frame(
         let body = bytes.get(start..start + head.body_len);
         match body.map(decode_body) {
             Some(Ok(ops)) => {
-                state
-                    .shard(head.shard)?
-                    .overlay
-                    .apply([plan(&head.entity, &ops)]);
+                sink.push(head.shard, plan(&head.entity, &ops));
                 report.frames_replayed += 1;
                 return Ok(());
             }
@@ -257,10 +348,13 @@ fn replay_frame(
         )
     };
     tracing::error!(entity = %head.entity, shard = head.shard, detail = problem, "entity marked corrupt");
-    state.shard(head.shard)?.overlay.apply([vec![SledOp::Put {
-        key: keys::corrupt_key(&head.entity),
-        value: problem.clone().into_bytes(),
-    }]]);
+    sink.push(
+        head.shard,
+        vec![SledOp::Put {
+            key: keys::corrupt_key(&head.entity),
+            value: problem.clone().into_bytes(),
+        }],
+    );
     skipped.insert(entity_key);
     report
         .corrupt_entities
