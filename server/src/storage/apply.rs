@@ -76,7 +76,7 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
                 // Runs ending at `seq` too (their key follows the event's own).
                 writes.push(SledOp::RemoveRange {
                     from: keys::event_key(entity, 0),
-                    to_inclusive: keys::event_run_key(&keys::event_key(entity, *seq)),
+                    to_inclusive: keys::event_run_key(&keys::event_key(entity, *seq), u64::MAX),
                 });
                 writes.push(exists(entity));
             }

@@ -10,7 +10,8 @@
 //!
 //! Layout. A single event keeps the `record` value format (version 1) under its own key
 //! `j(seq)`, so data dirs written before runs read unchanged. A run of two or more lives under
-//! its **last** event's key followed by [`keys::EVENT_RUN_MARKER`] (`j(seq) 0x01`):
+//! its **last** event's key followed by [`keys::EVENT_RUN_MARKER`] and its first seq
+//! (`j(last) 0x01 first`):
 //! `RUN_FORMAT_VERSION u8 | crc32c u32 | count u32 | (len u32 | event value)*`, where each
 //! event value is a version-1 `record` value checksummed over its own key `j(seq)`, seqs
 //! strictly increase, and the CRC covers the run's key and every byte after the CRC field.
@@ -18,16 +19,14 @@
 //! Invariants:
 //! - The overlay only ever holds single events; runs exist only in sled. A run's key never
 //!   equals an event's key, so an event the overlay holds never hides a run in sled.
-//! - Keyed after its last seq, a run is removed by a snapshot's trim (up to `j(seq) 0x01`)
-//!   exactly when the snapshot covers all of it; a run that straddles the snapshot stays,
-//!   and `load` drops its events at or below the snapshot's seq.
+//! - Keyed after its last seq, a run is removed by a snapshot's trim (up to
+//!   `j(seq) 0x01 u64::MAX`) exactly when the snapshot covers all of it; a run that straddles
+//!   the snapshot stays, and `load` drops its events at or below the snapshot's seq.
 //! - Replay after a crash can put events again that sled already holds (frames after the
-//!   checkpoint position that the checkpoint wrote too), as a run under the same key or an
-//!   overlapping one. A run written over an existing run merges with it, and readers drop
-//!   duplicate seqs (one seq of one incarnation is one event; `Delete` clears every event
-//!   key).
-
-use std::collections::BTreeMap;
+//!   checkpoint position that the checkpoint wrote too). Written again, they form a run that
+//!   overlaps the stored one: under the same key only if it holds exactly the same events
+//!   (one seq of one incarnation is one event; `Delete` clears every event key), so writing
+//!   never reads sled and never loses a stored event; readers drop duplicate seqs.
 
 use super::codec::Reader;
 use super::keys;
@@ -76,15 +75,19 @@ fn raw_events<'v>(
     value: &'v [u8],
 ) -> Result<Vec<(u64, &'v [u8])>, String> {
     let tail = key.get(prefix_len..).unwrap_or_default();
-    let is_run = match tail {
-        [_, _, _, _, _, _, _, _] => false,
-        [_, _, _, _, _, _, _, _, keys::EVENT_RUN_MARKER] => true,
+    let first_seq = match tail {
+        [_, _, _, _, _, _, _, _] => None,
+        [_, _, _, _, _, _, _, _, keys::EVENT_RUN_MARKER, first @ ..] if first.len() == 8 => {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(first);
+            Some(u64::from_be_bytes(bytes))
+        }
         _ => return Err(format!("an event key of {} bytes is malformed", key.len())),
     };
     let Some(key_seq) = keys::event_seq(&key[..prefix_len + 8], prefix_len) else {
         return Err(format!("an event key of {} bytes is malformed", key.len()));
     };
-    if !is_run {
+    let Some(first_seq) = first_seq else {
         let record = decode_value(key, value).map_err(|d| format!("event seq {key_seq}: {d}"))?;
         if record.seq != key_seq {
             return Err(format!(
@@ -93,7 +96,7 @@ fn raw_events<'v>(
             ));
         }
         return Ok(vec![(key_seq, value)]);
-    }
+    };
     let malformed = |what: &str| format!("the run of events ending at seq {key_seq} {what}");
     let mut reader = Reader::new(value);
     let (Some(format), Some(stored_crc)) = (reader.u8(), reader.u32()) else {
@@ -134,8 +137,10 @@ fn raw_events<'v>(
     if reader.take(1).is_some() {
         return Err(malformed("has bytes after its last event"));
     }
-    if events.last().map(|(seq, _)| *seq) != Some(key_seq) {
-        return Err(malformed("does not end with the seq of its key"));
+    if events.last().map(|(seq, _)| *seq) != Some(key_seq)
+        || events.first().map(|(seq, _)| *seq) != Some(first_seq)
+    {
+        return Err(malformed("does not hold the seqs its key names"));
     }
     Ok(events)
 }
@@ -177,69 +182,37 @@ impl<'a> RunWriter<'a> {
     /// Takes a put of the layer, in key order. Returns the put back if it is not an event's.
     pub(crate) fn push(
         &mut self,
-        tree: &sled::Tree,
         batch: &mut sled::Batch,
         key: &'a [u8],
         value: &'a [u8],
-    ) -> sled::Result<Option<(&'a [u8], &'a [u8])>> {
+    ) -> Option<(&'a [u8], &'a [u8])> {
         let Some(prefix_len) = event_prefix_len(key) else {
-            self.finish(tree, batch)?;
-            return Ok(Some((key, value)));
+            self.finish(batch);
+            return Some((key, value));
         };
         if self.pending.first().is_some_and(|(first, _)| {
             first.len() != key.len() || first[..prefix_len] != key[..prefix_len]
         }) {
-            self.finish(tree, batch)?;
+            self.finish(batch);
         }
         self.pending.push((key, value));
-        Ok(None)
+        None
     }
 
-    /// Writes the pending run, merged with whatever sled holds under its key.
-    pub(crate) fn finish(
-        &mut self,
-        tree: &sled::Tree,
-        batch: &mut sled::Batch,
-    ) -> sled::Result<()> {
-        let Some(&(last_key, last_value)) = self.pending.last() else {
-            return Ok(());
-        };
-        if self.pending.len() == 1 {
-            // A lone event stays a single event; sled may hold it already (replay), the same.
-            batch.insert(last_key, last_value);
-            self.pending.clear();
-            return Ok(());
-        }
-        let prefix_len = last_key.len() - 8;
-        let run_key = keys::event_run_key(last_key);
-        let existing = tree.get(&run_key)?;
-        let mut events: BTreeMap<u64, &[u8]> = BTreeMap::new();
-        if let Some(existing) = &existing {
-            match raw_events(&run_key, prefix_len, existing) {
-                Ok(raw) => events.extend(raw),
-                Err(detail) => {
-                    // Corrupt already, so `load` refuses the entity; say so where it looks.
-                    tracing::error!(
-                        detail,
-                        "a stored run of events is corrupt; the entity is marked corrupt"
-                    );
-                    let mut corrupt_key = vec![keys::KIND_CORRUPT];
-                    corrupt_key.extend_from_slice(&last_key[1..prefix_len]);
-                    batch.insert(corrupt_key, detail.into_bytes());
-                }
-            }
-        }
-        for (key, value) in &self.pending {
-            if let Some(seq) = keys::event_seq(key, prefix_len) {
-                events.insert(seq, value);
+    /// Writes the pending events: a lone event as itself, more as one run.
+    pub(crate) fn finish(&mut self, batch: &mut sled::Batch) {
+        match self.pending.as_slice() {
+            [] => {}
+            [(key, value)] => batch.insert(*key, *value),
+            [(first_key, _), .., (last_key, _)] => {
+                let prefix_len = last_key.len() - 8;
+                let first_seq = keys::event_seq(first_key, prefix_len).unwrap_or_default();
+                let run_key = keys::event_run_key(last_key, first_seq);
+                let value = encode_run(&run_key, self.pending.iter().map(|(_, value)| *value));
+                batch.insert(run_key, value);
             }
         }
         self.pending.clear();
-        // Merging with an older run under the same key cannot add a later seq: that run ends
-        // at this key's seq too.
-        let value = encode_run(&run_key, events.values().copied());
-        batch.insert(run_key, value);
-        Ok(())
     }
 }
 
@@ -272,9 +245,9 @@ mod tests {
         let mut batch = sled::Batch::default();
         let mut runs = RunWriter::new();
         for (key, value) in events {
-            assert!(runs.push(tree, &mut batch, key, value).unwrap().is_none());
+            assert!(runs.push(&mut batch, key, value).is_none());
         }
-        runs.finish(tree, &mut batch).unwrap();
+        runs.finish(&mut batch);
         tree.apply_batch(batch).unwrap();
     }
 
@@ -285,6 +258,7 @@ mod tests {
             .map(|item| {
                 let (key, value) = item.unwrap();
                 let seq = keys::event_seq(&key[..prefix_len + 8], prefix_len).unwrap();
+                assert!(key.len() == prefix_len + 8 || key.len() == prefix_len + 17);
                 (seq, key.len() > prefix_len + 8, seqs(&key, &value))
             })
             .collect()
@@ -318,23 +292,28 @@ mod tests {
     }
 
     #[test]
-    fn a_run_written_again_over_its_key_merges() {
+    fn events_written_again_overlap_and_lose_nothing() {
         let tree = tree();
         write(&tree, &(1..=5).map(event).collect::<Vec<_>>());
-        // Replay after a crash puts 3..=5 again: the same key, fewer events.
+        // Replay after a crash puts 3..=5 again: a run of its own, next to the first.
         write(&tree, &(3..=5).map(event).collect::<Vec<_>>());
-        assert_eq!(stored(&tree), vec![(5, true, vec![1, 2, 3, 4, 5])]);
-        // A lone 5 is a single event next to the run, never in place of it.
+        // The same events again: the same key, the same value.
+        write(&tree, &(1..=5).map(event).collect::<Vec<_>>());
+        // A lone 5 is a single event next to the runs, never in place of one.
         write(&tree, &[event(5)]);
         assert_eq!(
             stored(&tree),
-            vec![(5, false, vec![5]), (5, true, vec![1, 2, 3, 4, 5])]
+            vec![
+                (5, false, vec![5]),
+                (5, true, vec![1, 2, 3, 4, 5]),
+                (5, true, vec![3, 4, 5])
+            ]
         );
     }
 
     #[test]
     fn damage_is_reported_not_skipped() {
-        let key = keys::event_run_key(&event(3).0);
+        let key = keys::event_run_key(&event(3).0, 1);
         let events: Vec<_> = (1..=3).map(event).collect();
         let run = encode_run(&key, events.iter().map(|(_, v)| v.as_slice()));
         let prefix_len = keys::event_prefix(&entity()).len();
@@ -347,7 +326,7 @@ mod tests {
                 "flip at {at}"
             );
         }
-        let other_key = keys::event_run_key(&event(4).0);
+        let other_key = keys::event_run_key(&event(4).0, 1);
         let err = decode_events(&other_key, prefix_len, &run).unwrap_err();
         assert!(
             err.contains("CRC32C"),
@@ -369,10 +348,10 @@ mod tests {
         let mut runs = RunWriter::new();
         let snapshot_key = keys::snapshot_key(&entity());
         let (k1, v1) = event(1);
-        assert!(runs.push(&tree, &mut batch, &k1, &v1).unwrap().is_none());
-        let passed = runs.push(&tree, &mut batch, &snapshot_key, b"s").unwrap();
+        assert!(runs.push(&mut batch, &k1, &v1).is_none());
+        let passed = runs.push(&mut batch, &snapshot_key, b"s");
         assert_eq!(passed, Some((&snapshot_key[..], &b"s"[..])));
-        runs.finish(&tree, &mut batch).unwrap();
+        runs.finish(&mut batch);
         tree.apply_batch(batch).unwrap();
         assert_eq!(tree.get(&k1).unwrap().unwrap(), v1);
     }

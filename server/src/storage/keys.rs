@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | `s` | `s` type key | the entity's one snapshot (its seq is in the value) |
 //! | `j` | `j` type key seq(u64 BE) | one event; big-endian seq sorts numerically |
-//! | `j` | `j` type key seq(u64 BE) 0x01 | a run of events ending at seq (`event_runs`) |
+//! | `j` | `j` type key last(u64 BE) 0x01 first(u64 BE) | a run of events first..=last (`event_runs`) |
 //! | `e` | `e` len(type) type key-bytes | empty: the existence index `list` scans |
 //! | `x` | `x` type key | human-readable detail: the entity is corrupt |
 //! | `d` `i` `l` `o` `p` `r` `u` | kind type key name | one [`RecordKind`] record (`record::encode_value` with seq 0, version 0) |
@@ -104,11 +104,13 @@ pub fn event_seq(key: &[u8], prefix_len: usize) -> Option<u64> {
 /// right after its last event's own key, and never equals a single event's key.
 pub const EVENT_RUN_MARKER: u8 = 1;
 
-/// The key of a run of the entity's events ending with `last_event_key`'s seq.
-pub fn event_run_key(last_event_key: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(last_event_key.len() + 1);
+/// The key of a run of the entity's events from `first_seq` to the seq of `last_event_key`:
+/// the last event's key, the marker, then `first_seq` (u64 BE).
+pub fn event_run_key(last_event_key: &[u8], first_seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(last_event_key.len() + 9);
     key.extend_from_slice(last_event_key);
     key.push(EVENT_RUN_MARKER);
+    key.extend_from_slice(&first_seq.to_be_bytes());
     key
 }
 

@@ -214,18 +214,18 @@ impl Layer {
         for (key, value) in &self.points {
             match value {
                 Some(value) => {
-                    if let Some((key, value)) = runs.push(tree, &mut batch, key, value)? {
+                    if let Some((key, value)) = runs.push(&mut batch, key, value) {
                         batch.insert(key, value);
                     }
                 }
                 None => {
-                    runs.finish(tree, &mut batch)?;
+                    runs.finish(&mut batch);
                     batch.remove(key.as_slice());
                 }
             }
             flush_if_full(&mut batch, &mut writes)?;
         }
-        runs.finish(tree, &mut batch)?;
+        runs.finish(&mut batch);
         tree.apply_batch(batch)
     }
 }
