@@ -20,10 +20,10 @@ use statehouse_client::admin::render_dead_letters;
 use statehouse_client::client::check_exact_integers;
 use statehouse_client::{request_id, CallOptions, CastOptions, Client, ClientError, Code};
 
-/// mimalloc, like the server: `bench` allocates per request on every thread, and on a
+/// jemalloc, like the server: `bench` allocates per request on every thread, and on a
 /// machine shared with the server the client's allocator time is time the server loses.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Talk to the entities of a statehouse server. Prints JSON on stdout.
 #[derive(Debug, Parser)]

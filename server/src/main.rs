@@ -4,11 +4,12 @@ use std::process::ExitCode;
 
 use statehouse_server::behaviour::BehaviourRegistry;
 
-/// mimalloc instead of the system allocator: the server allocates small, short-lived buffers
+/// jemalloc instead of the system allocator: the server allocates small, short-lived buffers
 /// on every thread (requests, turns, journal frames), where glibc's malloc spent ~20% of the
-/// CPU under load (measured with `perf`; see ARCHITECTURE.md).
+/// CPU under load, and keeps millions of small entities, where jemalloc holds the least
+/// memory of the allocators measured (glibc, mimalloc; see ARCHITECTURE.md).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     statehouse_server::cli::main(BehaviourRegistry::with_builtins())

@@ -46,6 +46,7 @@ pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreErro
     debug_assert!(last.is_none_or(|l| l <= position), "checkpoints go forward");
 
     let shards = &shared.state.shards;
+    let overlay_bytes = shared.overlay_bytes();
     let frozen: Vec<_> = shards.iter().map(|shard| shard.overlay.freeze()).collect();
     for (n, (shard, layers)) in shards.iter().zip(&frozen).enumerate() {
         for layer in layers {
@@ -95,7 +96,13 @@ pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreErro
     *last = Some(position);
     Counters::add(&shared.counters.checkpoints, 1);
     Counters::add(&shared.counters.segments_deleted, deleted as u64);
-    tracing::debug!(%position, segments_deleted = deleted, "checkpoint");
+    tracing::debug!(
+        %position,
+        segments_deleted = deleted,
+        overlay_bytes_written = overlay_bytes,
+        overlay_bytes_now = shared.overlay_bytes(),
+        "checkpoint"
+    );
     Ok(CheckpointOutcome {
         position,
         segments_deleted: deleted,

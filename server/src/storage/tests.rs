@@ -1663,15 +1663,24 @@ async fn commits_wait_for_a_checkpoint_when_the_overlays_are_full() {
     wait_for("the writer to stall", || store.stats().overlay_stalls == 1).await;
     let stats = store.stats();
     assert!(stats.overlay_bytes >= stall_at, "{stats:?}");
+    // A commit handed over now waits behind the stalled writer.
+    let late = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.commit(batch(0, "late", vec![event(1)])).await })
+    };
+    let mut late = late;
     assert!(
-        stats.commits < 1000,
-        "the stalled writer holds the rest back: {stats:?}"
+        tokio::time::timeout(Duration::from_millis(200), &mut late)
+            .await
+            .is_err(),
+        "a commit completed while the writer was stalled"
     );
     drop(hold);
     for commit in commits {
         commit.await.unwrap().unwrap();
     }
-    assert_eq!(store.stats().commits, 1000);
+    late.await.unwrap().unwrap();
+    assert_eq!(store.stats().commits, 1001);
     wait_for("the checkpoint that released the writer", || {
         store.stats().checkpoints >= 1
     })
