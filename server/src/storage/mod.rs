@@ -100,6 +100,25 @@ pub struct StoreConfig {
     pub commits_pending_max: usize,
 }
 
+#[cfg(test)]
+impl StoreConfig {
+    /// The storage tests' config: sync durability, checkpoints only when asked for, a small
+    /// sled cache. Tests change what they exercise with struct update syntax.
+    pub(crate) fn for_tests(data_dir: PathBuf) -> StoreConfig {
+        StoreConfig {
+            data_dir,
+            shard_count: 4,
+            durability: Durability::Sync,
+            async_sync_window: Duration::from_millis(20),
+            checkpoint_interval: Duration::from_secs(3600),
+            checkpoint_journal_bytes: u64::MAX,
+            journal_segment_bytes: 64 * 1024 * 1024,
+            sled_cache_bytes: 16 * 1024 * 1024,
+            commits_pending_max: 1024,
+        }
+    }
+}
+
 /// One durable operation on one entity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {

@@ -381,19 +381,14 @@ mod tests {
     use crate::address::EntityId;
     use crate::storage::journal::segment::{prepared_file_name, PREPARED_EXTENSION};
     use crate::storage::journal::{locate_frames, segment_paths};
-    use crate::storage::{Durability, EntityBatch, Op, SledStore, Store, StoreConfig};
+    use crate::storage::{EntityBatch, Op, SledStore, Store, StoreConfig};
 
     fn config(data_dir: &Path, segment_bytes: u64) -> StoreConfig {
         StoreConfig {
-            data_dir: data_dir.to_path_buf(),
             shard_count: 2,
-            durability: Durability::Sync,
-            async_sync_window: Duration::from_millis(20),
-            checkpoint_interval: Duration::from_secs(3600),
-            checkpoint_journal_bytes: u64::MAX,
             journal_segment_bytes: segment_bytes,
-            sled_cache_bytes: 8 << 20,
             commits_pending_max: 64,
+            ..StoreConfig::for_tests(data_dir.to_path_buf())
         }
     }
 

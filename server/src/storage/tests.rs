@@ -12,17 +12,7 @@ use super::journal::{locate_frames, segment_paths, FrameLocation};
 use super::*;
 
 fn config(root: &Path) -> StoreConfig {
-    StoreConfig {
-        data_dir: root.join("data"),
-        shard_count: 4,
-        durability: Durability::Sync,
-        async_sync_window: Duration::from_millis(20),
-        checkpoint_interval: Duration::from_secs(3600),
-        checkpoint_journal_bytes: u64::MAX,
-        journal_segment_bytes: 64 * 1024 * 1024,
-        sled_cache_bytes: 16 * 1024 * 1024,
-        commits_pending_max: 1024,
-    }
+    StoreConfig::for_tests(root.join("data"))
 }
 
 fn id(key: &str) -> EntityId {

@@ -531,15 +531,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let segment_bytes = 64 * 1024;
         let store = SledStore::open(StoreConfig {
-            data_dir: dir.path().join("data"),
             shard_count: 1,
-            durability: Durability::Sync,
-            async_sync_window: Duration::from_millis(20),
-            checkpoint_interval: Duration::from_secs(3600),
-            checkpoint_journal_bytes: u64::MAX,
             journal_segment_bytes: segment_bytes,
-            sled_cache_bytes: 8 << 20,
             commits_pending_max: 64,
+            ..StoreConfig::for_tests(dir.path().join("data"))
         })
         .unwrap();
         let data_dir = dir.path().join("data");
