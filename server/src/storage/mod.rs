@@ -2,15 +2,18 @@
 //! write-ahead journal plus sled.
 //!
 //! **Owns**: the journal (segment files of CRC32C-framed records, group commit, `fdatasync`),
-//! the sled database (one tree per shard, a `meta` tree), checkpoints and recovery.
+//! the per-shard overlays of committed writes not yet in sled, the sled database (one tree per
+//! shard, a `meta` tree), checkpoints and recovery.
 //! **Knows nothing about** behaviours, entity types' meaning, or protobuf: payloads are opaque
 //! bytes, addresses opaque strings. It may call `statehouse-migrations`.
 //!
 //! Invariants:
 //! - `commit` returns only after the batch is durable in the journal (with `Durability::Sync`)
-//!   and applied to sled, so a `load` that starts after `commit` returned sees the batch.
-//! - Replaying the journal after the last checkpoint into sled is idempotent: every sled write
-//!   a batch makes is a blind put or remove, so re-applying a suffix yields the same state.
+//!   and applied to its shard's overlay, so a `load` that starts after `commit` returned sees
+//!   the batch (reads merge the overlay over sled).
+//! - Replaying the journal after the last checkpoint is idempotent: every write a batch makes
+//!   is a blind put or remove (events written again form runs beside the stored ones, read
+//!   once), so re-applying a suffix yields the same state.
 //! - A record that fails its checksum is an error naming the entity or the journal position;
 //!   it is never skipped silently.
 //! - Only the last journal segment can have a torn tail or a zero tail (segments are
@@ -24,12 +27,16 @@
 //! - [`sled_store`]: [`SledStore`], the `Store` implementation: open, the async methods, close.
 //! - [`journal`]: segment files (preallocated, prepared ahead by a background thread) and the
 //!   frame format; helpers to find records on disk.
-//! - `writer`: the group-commit thread that writes, syncs, rolls segments and applies.
-//! - `apply`: what each [`Op`] writes to sled (shared by live commits and replay).
+//! - `writer`: the group-commit thread that writes, syncs, rolls segments and applies to the
+//!   overlays.
+//! - `apply`: what each [`Op`] writes (shared by live commits and replay).
+//! - `overlay`: per shard, the layers of committed writes not yet in sled, and reads that
+//!   merge them over the sled tree; `event_runs`: an entity's events as one sled value.
 //! - [`keys`], `record`: the sled key layout and the checksummed value encoding.
 //! - `state`: the sled database, its trees and metadata, and the reads (`load`, `list`,
 //!   records, the timer index).
-//! - `checkpoint`, [`recovery`]: making sled durable and trimming the journal; replay at open.
+//! - `checkpoint`, [`recovery`]: writing the overlays to sled, making it durable and trimming
+//!   the journal; replay into the overlays at open.
 //! - `shared`, `fsync`, `codec`: what the threads share, `fsync` helpers, byte readers.
 
 mod apply;
