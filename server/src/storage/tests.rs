@@ -1722,3 +1722,67 @@ async fn events_written_again_by_replay_are_loaded_once() {
     assert_eq!(seqs(&loaded), (Some(6), vec![7]));
     store.close().await.unwrap();
 }
+
+/// Loads racing commits, snapshots and checkpoints (which freeze, write and drop overlay
+/// layers) always see one consistent state: the snapshot and the events after it, without
+/// a gap or a duplicate, never older than a load before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loads_racing_checkpoints_see_whole_consistent_states() {
+    let root = tempfile::tempdir().unwrap();
+    let store = SledStore::open(config(root.path())).unwrap();
+    let last: u64 = 1500;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            for seq in 1..=last {
+                let mut ops = vec![event(seq)];
+                if seq % 97 == 0 {
+                    ops.push(snapshot(seq));
+                }
+                store.commit(batch(1, "race", ops)).await.unwrap();
+            }
+        })
+    };
+    let checkpointer = {
+        let store = Arc::clone(&store);
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut checkpoints = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                store.checkpoint().await.unwrap();
+                checkpoints += 1;
+            }
+            checkpoints
+        })
+    };
+    let mut seen = 0;
+    let mut loads = 0;
+    while seen < last {
+        let loaded = store.load(1, &id("race")).await.unwrap();
+        let (snapshot, events) = seqs(&loaded);
+        let base = snapshot.unwrap_or(0);
+        let expected: Vec<u64> = (base + 1..=base + events.len() as u64).collect();
+        assert_eq!(
+            events, expected,
+            "a gap or a duplicate after snapshot {base}"
+        );
+        let now = loaded.last_seq();
+        assert!(now >= seen, "went back from {seen} to {now}");
+        if let Some(snapshot) = &loaded.snapshot {
+            assert_eq!(snapshot.payload, format!("state after {base}").into_bytes());
+        }
+        seen = now;
+        loads += 1;
+    }
+    writer.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let checkpoints = checkpointer.await.unwrap();
+    assert!(
+        checkpoints > 1 && loads > 1,
+        "{checkpoints} checkpoints, {loads} loads"
+    );
+    let loaded = store.load(1, &id("race")).await.unwrap();
+    assert_eq!(loaded.last_seq(), last);
+    store.close().await.unwrap();
+}
