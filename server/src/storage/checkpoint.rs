@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::fsync::{io_error, sled_error, sync_dir, sync_tree};
+use super::fsync::{remove_files, sled_error, sync_tree};
 use super::journal::segment::list_segments;
 use super::journal::JournalPosition;
 use super::shared::{Counters, Shared};
@@ -74,25 +74,11 @@ pub(crate) fn checkpoint(shared: &Shared) -> Result<CheckpointOutcome, StoreErro
     // writer's own segment is never deleted, and P never points past it.
     let writer_segment = shared.writer_segment.load(Ordering::SeqCst);
     let keep_from = position.segment.min(writer_segment);
-    let mut deleted = 0;
-    for (id, path) in list_segments(&shared.journal_dir)? {
-        if id >= keep_from {
-            break;
-        }
-        match std::fs::remove_file(&path) {
-            Ok(()) => deleted += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io_error(
-                    format!("deleting journal segment {}", path.display()),
-                    e,
-                ))
-            }
-        }
-    }
-    if deleted > 0 {
-        sync_dir(&shared.journal_dir)?;
-    }
+    let behind = list_segments(&shared.journal_dir)?
+        .into_iter()
+        .take_while(|(id, _)| *id < keep_from)
+        .map(|(_, path)| path);
+    let deleted = remove_files(&shared.journal_dir, behind, "journal segment")?;
     *last = Some(position);
     Counters::add(&shared.counters.checkpoints, 1);
     Counters::add(&shared.counters.segments_deleted, deleted as u64);

@@ -66,14 +66,14 @@ fn value_seq(value: &[u8]) -> Option<u64> {
     reader.u64()
 }
 
-/// The events a value under event key `key` holds, as raw version-1 values by seq, each
-/// verified against its own key. `prefix_len` is the length of the entity's event prefix.
-/// The error is a detail for `StoreError::CorruptEntity`.
-fn raw_events<'v>(
+/// The events stored under event key `key` (one, or a run), by seq, each verified against
+/// its own key. `prefix_len` is the length of the entity's event prefix. The error is a
+/// detail for `StoreError::CorruptEntity`.
+pub(crate) fn decode_events(
     key: &[u8],
     prefix_len: usize,
-    value: &'v [u8],
-) -> Result<Vec<(u64, &'v [u8])>, String> {
+    value: &[u8],
+) -> Result<Vec<StoredRecord>, String> {
     let tail = key.get(prefix_len..).unwrap_or_default();
     let first_seq = match tail {
         [_, _, _, _, _, _, _, _] => None,
@@ -95,7 +95,7 @@ fn raw_events<'v>(
                 record.seq
             ));
         }
-        return Ok(vec![(key_seq, value)]);
+        return Ok(vec![record]);
     };
     let malformed = |what: &str| format!("the run of events ending at seq {key_seq} {what}");
     let mut reader = Reader::new(value);
@@ -126,38 +126,25 @@ fn raw_events<'v>(
                 event.len()
             )));
         };
-        if events.last().is_some_and(|(last, _)| *last >= seq) {
+        if events
+            .last()
+            .is_some_and(|last: &StoredRecord| last.seq >= seq)
+        {
             return Err(malformed("holds seqs out of order"));
         }
         event_key.truncate(prefix_len);
         event_key.extend_from_slice(&seq.to_be_bytes());
-        decode_value(&event_key, event).map_err(|d| format!("event seq {seq}: {d}"))?;
-        events.push((seq, event));
+        events.push(decode_value(&event_key, event).map_err(|d| format!("event seq {seq}: {d}"))?);
     }
     if reader.take(1).is_some() {
         return Err(malformed("has bytes after its last event"));
     }
-    if events.last().map(|(seq, _)| *seq) != Some(key_seq)
-        || events.first().map(|(seq, _)| *seq) != Some(first_seq)
+    if events.last().map(|e| e.seq) != Some(key_seq)
+        || events.first().map(|e| e.seq) != Some(first_seq)
     {
         return Err(malformed("does not hold the seqs its key names"));
     }
     Ok(events)
-}
-
-/// The events stored under event key `key` (one, or a run), checksums verified, by seq.
-pub(crate) fn decode_events(
-    key: &[u8],
-    prefix_len: usize,
-    value: &[u8],
-) -> Result<Vec<StoredRecord>, String> {
-    let mut records = Vec::new();
-    for (seq, raw) in raw_events(key, prefix_len, value)? {
-        let mut event_key = key[..prefix_len].to_vec();
-        event_key.extend_from_slice(&seq.to_be_bytes());
-        records.push(decode_value(&event_key, raw).map_err(|d| format!("event seq {seq}: {d}"))?);
-    }
-    Ok(records)
 }
 
 /// The entity prefix length of an event key, `None` for any other key.

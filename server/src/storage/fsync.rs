@@ -3,11 +3,12 @@
 //! **Owns**: the `fsync`s that make sled's files and our directory entries power-loss
 //! durable. sled's own `flush()` ends in `sync_file_range` on Linux (sled issue 1452), which
 //! writes pages out but does not flush the drive's cache, so a checkpoint follows it with an
-//! `fsync` of every file and directory under the state dir.
+//! `fsync` of every file and directory under the state dir. Also the durable removal of
+//! files from a directory (journal segments, stale prepared segments).
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::StoreError;
 
@@ -32,6 +33,28 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_error(format!("syncing directory {}", dir.display()), e))
+}
+
+/// Removes `paths` (files in `dir`; one already gone is no error), then `fsync`s `dir` if
+/// anything was removed, so the removals survive a power cut. Returns how many it removed.
+/// `what` names the files in an error message.
+pub(crate) fn remove_files(
+    dir: &Path,
+    paths: impl IntoIterator<Item = PathBuf>,
+    what: &str,
+) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    for path in paths {
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(format!("deleting {what} {}", path.display()), e)),
+        }
+    }
+    if removed > 0 {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
 }
 
 /// `fsync`s every file and directory under `root` (and `root` itself) and returns how many.

@@ -34,6 +34,28 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Shared state for `state`, with the writer starting at `start` (the beginning of its
+    /// first segment): everything before it is already in `state` or its overlays.
+    pub(crate) fn new(
+        state: State,
+        state_dir: PathBuf,
+        journal_dir: PathBuf,
+        start: JournalPosition,
+    ) -> Shared {
+        Shared {
+            state,
+            state_dir,
+            journal_dir,
+            checkpointable: Mutex::new(start),
+            writer_segment: AtomicU64::new(start.segment),
+            checkpoint_lock: Mutex::new(None),
+            checkpoint_requested: AtomicBool::new(false),
+            overlay_released: Condvar::new(),
+            overlay_lock: Mutex::new(()),
+            counters: Counters::default(),
+        }
+    }
+
     /// The memory every shard's overlay holds (an estimate). Never waits.
     pub(crate) fn overlay_bytes(&self) -> u64 {
         self.state

@@ -9,7 +9,7 @@
 //! most a few `.prep` files: segments being prepared, see `journal::segment`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use async_trait::async_trait;
 
 use super::Durable;
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::address::{EntityId, TYPE_BYTES_MAX};
@@ -29,7 +29,7 @@ use super::journal::frame::{body_len, encode_frame, FRAME_BODY_BYTES_MAX};
 use super::journal::segment::{journal_dir, remove_prepared, OpenSegment};
 use super::journal::JournalPosition;
 use super::recovery::{recover, RecoveryReport};
-use super::shared::{Counters, Shared, StoreStats};
+use super::shared::{Shared, StoreStats};
 use super::state::{State, SHARD_COUNT_MAX};
 use super::writer::{Submission, Writer, WriterConfig, ROUND_BYTES_MAX};
 use super::{
@@ -107,18 +107,7 @@ impl SledStore {
             segment: segment.id,
             offset: 0,
         };
-        let shared = Arc::new(Shared {
-            state,
-            state_dir,
-            journal_dir: journal_dir.clone(),
-            checkpointable: Mutex::new(start),
-            writer_segment: AtomicU64::new(segment.id),
-            checkpoint_lock: Mutex::new(None),
-            checkpoint_requested: AtomicBool::new(false),
-            overlay_released: Condvar::new(),
-            overlay_lock: Mutex::new(()),
-            counters: Counters::default(),
-        });
+        let shared = Arc::new(Shared::new(state, state_dir, journal_dir.clone(), start));
         // Everything replayed is in the overlays now. The checkpoint that writes it to sled and drops
         // the replayed segments runs in the background (below): a large replay can leave a lot
         // of sled to flush, and the journal keeps every replayed frame until it is done.

@@ -81,7 +81,7 @@ pub(crate) struct Writer {
     /// Prepares the segment after `segment` in the background.
     preparer: SegmentPreparer,
     shared: Arc<Shared>,
-    /// Why the writer refuses everything, once a write, sync or apply failed.
+    /// Why the writer refuses everything, once a write, sync or segment roll failed.
     poisoned: Option<String>,
     /// With `Durability::Async`: when the oldest unsynced write happened.
     unsynced_since: Option<Instant>,
@@ -108,8 +108,9 @@ impl Writer {
             segment: segment.id,
             offset: segment.len,
         };
-        shared.writer_segment.store(segment.id, Ordering::SeqCst);
-        *shared.checkpointable.lock() = start;
+        // `Shared::new` published this start, before the checkpointer could read it.
+        debug_assert_eq!(*shared.checkpointable.lock(), start);
+        debug_assert_eq!(shared.writer_segment.load(Ordering::SeqCst), segment.id);
         let mut preparer = SegmentPreparer::new(journal_dir.clone(), config.segment_bytes_max);
         preparer.start(segment.id + 1);
         Writer {
@@ -228,15 +229,12 @@ impl Writer {
             }
         }
 
-        let outcomes = self.apply(&mut round);
-        let applied_all = outcomes.iter().all(Result::is_ok);
-        if applied_all {
-            self.applied = self.position();
-            self.publish();
-        }
-        for (submission, outcome) in round.into_iter().zip(outcomes) {
+        self.apply(&mut round);
+        self.applied = self.position();
+        self.publish();
+        for submission in round {
             // A waiter that gave up (its future was dropped) is no error of ours.
-            let _ = submission.done.send(outcome);
+            let _ = submission.done.send(Ok(()));
         }
 
         if self
@@ -250,10 +248,10 @@ impl Writer {
     }
 
     /// Applies the round's batches to their shards' overlays, in commit order, each shard's
-    /// share as one step for readers. Nothing here touches sled: a checkpoint writes the
-    /// overlays to sled later, and the journal covers them until it does.
-    fn apply(&mut self, round: &mut [Submission]) -> Vec<Result<(), StoreError>> {
-        let shards = &self.shared.state.shards;
+    /// share as one step for readers. Nothing here touches sled, and nothing can fail: a
+    /// checkpoint writes the overlays to sled later, and the journal covers them until it does.
+    /// (`submit` only accepts batches of shards that exist.)
+    fn apply(&mut self, round: &mut [Submission]) {
         let mut by_shard: BTreeMap<u32, Vec<Vec<SledOp>>> = BTreeMap::new();
         for submission in round.iter_mut() {
             by_shard
@@ -262,21 +260,12 @@ impl Writer {
                 .push(std::mem::take(&mut submission.writes));
         }
         for (n, batches) in by_shard {
-            if let Some(shard) = shards.get(n as usize) {
+            let shard = self.shared.state.shards.get(n as usize);
+            debug_assert!(shard.is_some(), "submit accepted a batch of shard {n}");
+            if let Some(shard) = shard {
                 shard.overlay.apply(batches);
             }
         }
-        round
-            .iter()
-            .map(|submission| match shards.get(submission.shard as usize) {
-                Some(_) => Ok(()),
-                // `submit` checks the shard; this would be a bug, reported to its waiter.
-                None => Err(StoreError::InvalidInput(format!(
-                    "shard {} does not exist",
-                    submission.shard
-                ))),
-            })
-            .collect()
     }
 
     fn position(&self) -> JournalPosition {
@@ -381,12 +370,10 @@ impl Writer {
     }
 
     fn wait_for_checkpoint(&mut self, stall_at: u64) {
+        Counters::add(&self.shared.counters.overlay_stalls, 1);
         let started = Instant::now();
         let mut warned = false;
         let mut waiting = self.shared.overlay_lock.lock();
-        if self.shared.overlay_bytes() >= stall_at {
-            Counters::add(&self.shared.counters.overlay_stalls, 1);
-        }
         while self.shared.overlay_bytes() >= stall_at {
             (self.request_checkpoint)();
             if !warned && started.elapsed() >= Duration::from_secs(1) {
@@ -424,16 +411,12 @@ fn fail_all(round: Vec<Submission>, reason: &str) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicU64};
     use std::sync::mpsc;
-
-    use parking_lot::Mutex;
 
     use super::*;
     use crate::address::EntityId;
     use crate::storage::apply::plan;
     use crate::storage::journal::frame::encode_frame;
-    use crate::storage::shared::Counters;
     use crate::storage::state::State;
     use crate::storage::{EntityBatch, Op};
 
@@ -462,18 +445,15 @@ mod tests {
     fn a_failed_write_poisons_the_writer_and_applies_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let state = State::open(&dir.path().join("state"), 1 << 20, 1).unwrap();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             state,
-            state_dir: dir.path().join("state"),
-            journal_dir: dir.path().join("journal"),
-            checkpointable: Mutex::new(JournalPosition::default()),
-            writer_segment: AtomicU64::new(0),
-            checkpoint_lock: Mutex::new(None),
-            checkpoint_requested: AtomicBool::new(false),
-            overlay_released: parking_lot::Condvar::new(),
-            overlay_lock: Mutex::new(()),
-            counters: Counters::default(),
-        });
+            dir.path().join("state"),
+            dir.path().join("journal"),
+            JournalPosition {
+                segment: 1,
+                offset: 0,
+            },
+        ));
         // Every write to /dev/full fails with ENOSPC.
         let path = PathBuf::from("/dev/full");
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

@@ -26,7 +26,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::super::fsync::{io_error, sync_dir};
+use super::super::fsync::{io_error, remove_files, sync_dir};
 use super::super::StoreError;
 
 /// The file name extension of journal segments.
@@ -94,28 +94,14 @@ pub(crate) fn list_segments(journal_dir: &Path) -> Result<Vec<(u64, PathBuf)>, S
 /// writer and its preparer start.
 pub(crate) fn remove_prepared(journal_dir: &Path) -> Result<usize, StoreError> {
     let context = || format!("listing prepared segments in {}", journal_dir.display());
-    let mut removed = 0;
+    let mut prepared = Vec::new();
     for entry in std::fs::read_dir(journal_dir).map_err(|e| io_error(context(), e))? {
-        let entry = entry.map_err(|e| io_error(context(), e))?;
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some(PREPARED_EXTENSION) {
-            continue;
-        }
-        match std::fs::remove_file(&path) {
-            Ok(()) => removed += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io_error(
-                    format!("deleting stale prepared segment {}", path.display()),
-                    e,
-                ))
-            }
+        let path = entry.map_err(|e| io_error(context(), e))?.path();
+        if path.extension().and_then(|e| e.to_str()) == Some(PREPARED_EXTENSION) {
+            prepared.push(path);
         }
     }
-    if removed > 0 {
-        sync_dir(journal_dir)?;
-    }
-    Ok(removed)
+    remove_files(journal_dir, prepared, "stale prepared segment")
 }
 
 /// A segment file full of synced zeros under its `.prep` name, not yet part of the journal.
