@@ -84,6 +84,7 @@ async fn every_workload_reports_throughput_and_ordered_percentiles() {
         ),
         ("get", &["--keys", "20", "--key-prefix", "smoke-get"][..]),
         ("lua", &["--keys", "20", "--key-prefix", "smoke-lua"][..]),
+        ("ping", &[][..]),
     ] {
         let mut args = vec!["bench", "--workload", workload];
         args.extend_from_slice(SMOKE);
@@ -98,6 +99,7 @@ async fn every_workload_reports_throughput_and_ordered_percentiles() {
         assert_eq!(config["warmup_s"], 0.1, "{report:#}");
         match workload {
             "hot" => assert_eq!(config["keys"], 1),
+            "ping" => assert_eq!(config["entity_type"], Value::Null, "{report:#}"),
             "kv" => {
                 assert_eq!(config["keys"], 20);
                 assert_eq!(config["connections"], 2);

@@ -53,6 +53,10 @@ Workloads:
         --read-ratio, else writes ({\"op\":\"put\"}) one of 8 fields
   get   Get of the committed state of --keys counters, which are incremented once first,
         before the warm-up (not measured)
+  lua   increments of --keys counters written in Lua (deployed by the bench if missing)
+  lease acquire of --keys leases with a one-hour TTL (fills the durable timer index)
+  ping  the server's gRPC health Check: no entity, no journal, no disk; the transport's
+        ceiling on this machine, to compare the other workloads with
 
 Each run warms up (not measured), then measures for --duration or until --requests
 requests were answered. It reports the exact configuration (as a command line that repeats
@@ -74,11 +78,11 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub workload: Workload,
 
-    /// How many keys the requests spread over [default: 10000; not for `hot`].
+    /// How many keys the requests spread over [default: 10000; not for `hot` or `ping`].
     #[arg(long, value_name = "K")]
     pub keys: Option<u64>,
 
-    /// How keys are picked [default: uniform; not for `hot`].
+    /// How keys are picked [default: uniform; not for `hot` or `ping`].
     #[arg(long, value_enum)]
     pub distribution: Option<KeyDistribution>,
 
@@ -120,7 +124,7 @@ pub struct BenchArgs {
     pub seed: Option<u64>,
 
     /// Send calls on `Pipeline` streams (one per connection, the in-flight calls spread over
-    /// them) instead of one unary RPC per call. Not for `get`.
+    /// them) instead of one unary RPC per call. Not for `get` or `ping`.
     #[arg(long)]
     pub pipeline: bool,
 
@@ -151,6 +155,9 @@ pub enum Workload {
     /// `acquire` of `keys` leases with a one-hour TTL: each lease held keeps one pending
     /// durable timer (its expiry), so this fills the timer index (renewals replace timers).
     Lease,
+    /// The server's gRPC health `Check`, which touches no entity and no disk: what the
+    /// transport alone costs, the ceiling to compare the other workloads with.
+    Ping,
 }
 
 /// The entity type of the `lease` workload (the built-in).
@@ -169,17 +176,24 @@ impl Workload {
             Workload::Get => "get",
             Workload::Lua => "lua",
             Workload::Lease => "lease",
+            Workload::Ping => "ping",
         }
     }
 
-    /// The entity type the workload addresses.
-    pub fn entity_type(self) -> &'static str {
+    /// The entity type the workload addresses; `None` for `ping`, which addresses none.
+    pub fn entity_type(self) -> Option<&'static str> {
         match self {
-            Workload::Incr | Workload::Hot | Workload::Get => COUNTER_TYPE,
-            Workload::Kv => KV_TYPE,
-            Workload::Lua => LUA_TYPE,
-            Workload::Lease => LEASE_TYPE,
+            Workload::Incr | Workload::Hot | Workload::Get => Some(COUNTER_TYPE),
+            Workload::Kv => Some(KV_TYPE),
+            Workload::Lua => Some(LUA_TYPE),
+            Workload::Lease => Some(LEASE_TYPE),
+            Workload::Ping => None,
         }
+    }
+
+    /// Whether the workload addresses keys (all but `hot`, which has one, and `ping`).
+    pub fn has_keys(self) -> bool {
+        !matches!(self, Workload::Hot | Workload::Ping)
     }
 }
 
@@ -219,7 +233,7 @@ pub struct BenchConfig {
     pub server: String,
     /// The request mix.
     pub workload: Workload,
-    /// How many keys the requests spread over (1 for `hot`).
+    /// How many keys the requests spread over (1 for `hot` and `ping`).
     pub keys: u64,
     /// How keys are picked (`uniform` for `hot`, where it does not matter).
     pub distribution: KeyDistribution,
@@ -260,12 +274,17 @@ impl BenchArgs {
                 workload.name()
             )))
         };
-        if workload == Workload::Hot {
+        if !workload.has_keys() {
+            let why = if workload == Workload::Hot {
+                "it addresses one key"
+            } else {
+                "it addresses no entity"
+            };
             if self.keys.is_some() {
-                return not_for("--keys", "it addresses one key");
+                return not_for("--keys", why);
             }
             if self.distribution.is_some() {
-                return not_for("--distribution", "it addresses one key");
+                return not_for("--distribution", why);
             }
         }
         if workload == Workload::Get && self.pipeline {
@@ -273,6 +292,14 @@ impl BenchArgs {
                 "--pipeline",
                 "`Get` is a unary read; `Pipeline` carries calls",
             );
+        }
+        if workload == Workload::Ping {
+            if self.pipeline {
+                return not_for("--pipeline", "the health check is a unary RPC");
+            }
+            if self.request_ids {
+                return not_for("--request-ids", "the health check is not a call");
+            }
         }
         if workload != Workload::Kv && self.read_ratio.is_some() {
             return not_for("--read-ratio", "only `kv` mixes reads and writes");
@@ -284,9 +311,9 @@ impl BenchArgs {
             ));
         }
 
-        let keys = match workload {
-            Workload::Hot => 1,
-            _ => self.keys.unwrap_or(KEYS_DEFAULT),
+        let keys = match workload.has_keys() {
+            false => 1,
+            true => self.keys.unwrap_or(KEYS_DEFAULT),
         };
         check_range("--keys", keys, 1, KEYS_MAX)?;
         let zipf_exponent = match distribution {
@@ -411,7 +438,7 @@ impl BenchConfig {
             words.push(format!("--{name}"));
             words.push(value);
         };
-        if self.workload != Workload::Hot {
+        if self.workload.has_keys() {
             option("keys", self.keys.to_string());
             option("distribution", self.distribution.name().to_owned());
         }
@@ -591,11 +618,15 @@ mod tests {
         let kv = self::config(&["--workload", "kv", "--distribution", "zipfian"]).unwrap();
         assert_eq!(kv.read_ratio, Some(READ_RATIO_DEFAULT));
         assert_eq!(kv.zipf_exponent, Some(ZIPF_EXPONENT_DEFAULT));
-        assert_eq!(kv.workload.entity_type(), "kv");
+        assert_eq!(kv.workload.entity_type(), Some("kv"));
 
         let hot = self::config(&["--workload", "hot"]).unwrap();
         assert_eq!(hot.keys, 1);
         assert_eq!(hot.key(0), "bench-hot");
+
+        let ping = self::config(&["--workload", "ping"]).unwrap();
+        assert_eq!(ping.workload.entity_type(), None);
+        assert!(!ping.command_line().contains("--keys"), "{ping:?}");
     }
 
     #[test]
@@ -609,6 +640,15 @@ mod tests {
         assert!(message.contains("--distribution"), "{message}");
         let message = usage_error(&["--workload", "incr", "--read-ratio", "0.5"]);
         assert!(message.contains("only `kv`"), "{message}");
+        for option in [&["--keys", "5"][..], &["--pipeline"], &["--request-ids"]] {
+            let mut words = vec!["--workload", "ping"];
+            words.extend_from_slice(option);
+            let message = usage_error(&words);
+            assert!(
+                message.contains(&format!("{} does not apply to --workload ping", option[0])),
+                "{message}"
+            );
+        }
         let message = usage_error(&["--workload", "incr", "--zipf-exponent", "1.2"]);
         assert!(
             message.contains("needs --distribution zipfian"),

@@ -23,6 +23,8 @@ use serde_json::json;
 use statehouse_proto::v1::entity_service_client::EntityServiceClient;
 use statehouse_proto::v1::{CallRequest, GetRequest, PipelineRequest};
 use statehouse_proto::value::json_to_proto;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// The TTL of the `lease` workload's leases: long enough that they stay pending for the run.
 const LEASE_TTL_MS: u64 = 3_600_000;
@@ -41,8 +43,13 @@ use crate::ClientError;
 /// Fields of each `kv` map the `kv` workload reads and writes: `f0` … `f7`.
 pub const KV_FIELDS: usize = 8;
 
-/// The generated client on one channel.
-type RawClient = EntityServiceClient<Channel>;
+/// The generated clients of one channel: the entity service, and the health service that
+/// `ping` measures.
+#[derive(Debug, Clone)]
+pub struct RawClient {
+    entities: EntityServiceClient<Channel>,
+    health: HealthClient<Channel>,
+}
 
 /// Opens `connections` gRPC channels to `url`, each its own TCP connection.
 pub async fn open_channels(url: &str, connections: usize) -> Result<Vec<RawClient>, ClientError> {
@@ -62,7 +69,10 @@ pub async fn open_channels(url: &str, connections: usize) -> Result<Vec<RawClien
                 url: url.to_owned(),
                 reason: error_chain(&err),
             })?;
-        clients.push(EntityServiceClient::new(channel));
+        clients.push(RawClient {
+            entities: EntityServiceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+        });
     }
     Ok(clients)
 }
@@ -72,7 +82,7 @@ pub async fn open_channels(url: &str, connections: usize) -> Result<Vec<RawClien
 #[derive(Debug)]
 pub struct Plan {
     workload: Workload,
-    entity_type: &'static str,
+    entity_type: Option<&'static str>,
     key_prefix: String,
     chooser: KeyChooser,
     read_ratio: f64,
@@ -90,6 +100,8 @@ pub enum Op {
     Call(CallRequest),
     /// A `Get` RPC.
     Get(GetRequest),
+    /// A health `Check` RPC.
+    Ping(HealthCheckRequest),
 }
 
 impl Plan {
@@ -119,6 +131,10 @@ impl Plan {
 
     /// The next request of a slot, drawn with the slot's `rng`.
     pub fn next_op(&self, rng: &mut impl Rng) -> Op {
+        let Some(entity_type) = self.entity_type else {
+            // The whole server, as a health check of "" asks.
+            return Op::Ping(HealthCheckRequest::default());
+        };
         let key = key_name(
             self.workload,
             &self.key_prefix,
@@ -127,12 +143,13 @@ impl Plan {
         let message = match self.workload {
             Workload::Get => {
                 return Op::Get(GetRequest {
-                    r#type: self.entity_type.to_owned(),
+                    r#type: entity_type.to_owned(),
                     key,
                 })
             }
             Workload::Incr | Workload::Hot | Workload::Lua => self.incr.clone(),
             Workload::Lease => self.acquire.clone(),
+            Workload::Ping => unreachable!("ping has no entity type"),
             Workload::Kv => {
                 let field = rng.gen_range(0..KV_FIELDS);
                 // gen::<f64>() is in [0, 1): a ratio of 1 always reads, 0 never does.
@@ -147,7 +164,7 @@ impl Plan {
             }
         };
         Op::Call(CallRequest {
-            r#type: self.entity_type.to_owned(),
+            r#type: entity_type.to_owned(),
             key,
             message: Some(message),
             // By default the server's raw path; `--request-ids` adds a fresh idempotency key.
@@ -320,7 +337,11 @@ async fn run_stream(
             recorder.record_error(code, message);
         }
     };
-    let mut inbound = match client.pipeline(ReceiverStream::new(outbound)).await {
+    let mut inbound = match client
+        .entities
+        .pipeline(ReceiverStream::new(outbound))
+        .await
+    {
         Ok(response) => response.into_inner(),
         Err(status) => return record_all(&mut sent_at, status.code(), status.message()),
     };
@@ -391,14 +412,21 @@ async fn send(client: &mut RawClient, op: Op, timeout: Duration) -> Result<(), t
         Op::Call(call) => {
             let mut request = Request::new(call);
             request.set_timeout(timeout);
-            tokio::time::timeout(timeout, client.call(request))
+            tokio::time::timeout(timeout, client.entities.call(request))
                 .await
                 .map(|answer| answer.map(drop))
         }
         Op::Get(get) => {
             let mut request = Request::new(get);
             request.set_timeout(timeout);
-            tokio::time::timeout(timeout, client.get(request))
+            tokio::time::timeout(timeout, client.entities.get(request))
+                .await
+                .map(|answer| answer.map(drop))
+        }
+        Op::Ping(check) => {
+            let mut request = Request::new(check);
+            request.set_timeout(timeout);
+            tokio::time::timeout(timeout, client.health.check(request))
                 .await
                 .map(|answer| answer.map(drop))
         }
@@ -431,7 +459,7 @@ mod tests {
         BenchConfig {
             server: "http://127.0.0.1:1".to_owned(),
             workload,
-            keys: if workload == Workload::Hot { 1 } else { 20 },
+            keys: if workload.has_keys() { 20 } else { 1 },
             distribution: KeyDistribution::Uniform,
             zipf_exponent: None,
             read_ratio,
@@ -455,7 +483,7 @@ mod tests {
                 call.key,
                 proto_to_json(call.message.unwrap()).unwrap(),
             ),
-            Op::Get(get) => panic!("expected a call, got {get:?}"),
+            other => panic!("expected a call, got {other:?}"),
         }
     }
 
@@ -486,6 +514,18 @@ mod tests {
             }
             other => panic!("expected a get, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn ping_checks_the_health_of_the_whole_server() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let plan = Plan::new(&config(Workload::Ping, None));
+        assert_eq!(
+            plan.next_op(&mut rng),
+            Op::Ping(HealthCheckRequest {
+                service: String::new()
+            })
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use tonic::Code;
 
-use super::args::{format_duration, BenchConfig, StopAfter};
+use super::args::{format_duration, BenchConfig, StopAfter, Workload};
 use crate::error::code_name;
 
 /// The largest latency the histogram tells apart, in microseconds (one hour); longer ones
@@ -224,6 +224,7 @@ impl BenchReport {
         let config = &self.config;
         let mut text = String::new();
         let keys = match config.zipf_exponent {
+            _ if config.workload == Workload::Ping => "no key".to_owned(),
             _ if config.keys == 1 => "1 key".to_owned(),
             Some(exponent) => format!("{} keys, zipfian s={exponent}", config.keys),
             None => format!("{} keys, {}", config.keys, config.distribution.name()),
@@ -237,11 +238,12 @@ impl BenchReport {
             StopAfter::Requests(requests) => format!("{requests} requests"),
         };
         // Writing to a String cannot fail.
-        let _ = writeln!(
+        let _ =
+            writeln!(
             text,
             "{} on {} ({keys}{mix}): {} in flight over {} connection{}, {stop} after a {} warm-up",
             config.workload.name(),
-            config.workload.entity_type(),
+            config.workload.entity_type().unwrap_or("the health service"),
             config.concurrency,
             config.connections,
             if config.connections == 1 { "" } else { "s" },
