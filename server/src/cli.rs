@@ -59,9 +59,13 @@ pub struct Flags {
     /// Checkpoint at least this often [default: 5000].
     #[arg(long, value_name = "MS")]
     checkpoint_interval_ms: Option<u64>,
-    /// Checkpoint after this many journal bytes [default: 268435456].
+    /// Checkpoint after this many journal bytes [default: 67108864].
     #[arg(long, value_name = "BYTES")]
     checkpoint_journal_bytes: Option<u64>,
+    /// After a light round, the journal writer busy-waits this long for the next commit
+    /// before sleeping; 0 never [default: 250].
+    #[arg(long, value_name = "US")]
+    writer_spin_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -108,6 +112,7 @@ impl Flags {
             &mut config.checkpoint_interval_ms,
             self.checkpoint_interval_ms,
         );
+        set(&mut config.writer_spin_us, self.writer_spin_us);
         set(
             &mut config.checkpoint_journal_bytes,
             self.checkpoint_journal_bytes,

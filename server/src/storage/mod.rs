@@ -105,6 +105,9 @@ pub struct StoreConfig {
     pub sled_cache_bytes: u64,
     /// Upper bound on commits handed to the journal writer and not yet completed.
     pub commits_pending_max: usize,
+    /// After a round of one or two commits (light load), how long the journal writer
+    /// busy-waits for the next commit before it sleeps; zero never spins. See `writer`.
+    pub writer_spin: Duration,
 }
 
 #[cfg(test)]
@@ -122,6 +125,7 @@ impl StoreConfig {
             journal_segment_bytes: 64 * 1024 * 1024,
             sled_cache_bytes: 16 * 1024 * 1024,
             commits_pending_max: 1024,
+            writer_spin: Duration::ZERO,
         }
     }
 }

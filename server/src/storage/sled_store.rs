@@ -140,6 +140,7 @@ impl SledStore {
                 segment_bytes_max: config.journal_segment_bytes,
                 round_bytes_max: ROUND_BYTES_MAX,
                 checkpoint_journal_bytes: config.checkpoint_journal_bytes,
+                idle_spin: config.writer_spin,
             },
             journal_dir,
             segment,

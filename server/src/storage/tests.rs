@@ -1786,3 +1786,52 @@ async fn loads_racing_checkpoints_see_whole_consistent_states() {
     assert_eq!(loaded.last_seq(), last);
     store.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_spinning_writer_commits_one_at_a_time_and_in_parallel_and_closes() {
+    let root = tempfile::tempdir().unwrap();
+    let store = SledStore::open(StoreConfig {
+        // Long enough that every sequential commit arrives while the writer spins.
+        writer_spin: Duration::from_millis(50),
+        ..config(root.path())
+    })
+    .unwrap();
+    // One in flight: each round has one commit, so the writer spins between them.
+    for seq in 1..=50 {
+        store
+            .commit(batch(0, "one", vec![event(seq)]))
+            .await
+            .unwrap();
+    }
+    // Many in flight: larger rounds, no spinning, same outcome.
+    let mut commits = tokio::task::JoinSet::new();
+    for n in 0..64u32 {
+        let store = Arc::clone(&store);
+        commits.spawn(async move {
+            let key = format!("many-{n}");
+            for seq in 1..=5 {
+                store
+                    .commit(batch(n % 4, &key, vec![event(seq)]))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(joined) = commits.join_next().await {
+        joined.unwrap();
+    }
+    // The writer notices its last sender going even while it spins.
+    let closing = Instant::now();
+    store.close().await.unwrap();
+    assert!(closing.elapsed() < Duration::from_secs(5), "close hung");
+    drop(store);
+
+    let store = reopen(root.path(), &root.path().join("data")).unwrap();
+    let one = store.load(0, &id("one")).await.unwrap();
+    assert_eq!(seqs(&one), (None, (1..=50).collect()));
+    for n in 0..64u32 {
+        let many = store.load(n % 4, &id(&format!("many-{n}"))).await.unwrap();
+        assert_eq!(seqs(&many), (None, vec![1, 2, 3, 4, 5]), "many-{n}");
+    }
+    store.close().await.unwrap();
+}
