@@ -62,10 +62,10 @@ pub struct Flags {
     /// Checkpoint after this many journal bytes [default: 67108864].
     #[arg(long, value_name = "BYTES")]
     checkpoint_journal_bytes: Option<u64>,
-    /// After a light round, the journal writer busy-waits this long for the next commit
-    /// before sleeping; 0 never [default: 250].
+    /// At low load, the journal writer and a lone commit busy-wait this long before they
+    /// sleep; 0 never [default: 250].
     #[arg(long, value_name = "US")]
-    writer_spin_us: Option<u64>,
+    commit_spin_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -112,7 +112,7 @@ impl Flags {
             &mut config.checkpoint_interval_ms,
             self.checkpoint_interval_ms,
         );
-        set(&mut config.writer_spin_us, self.writer_spin_us);
+        set(&mut config.commit_spin_us, self.commit_spin_us);
         set(
             &mut config.checkpoint_journal_bytes,
             self.checkpoint_journal_bytes,

@@ -19,8 +19,8 @@ use crate::supervisor::{Backoff, Intensity, RestartPolicy};
 /// The largest shard count a data dir may be created with.
 pub const SHARDS_MAX: u32 = 4096;
 
-/// The longest `writer_spin_us`.
-pub const WRITER_SPIN_US_MAX: u64 = 10_000;
+/// The longest `commit_spin_us`.
+pub const COMMIT_SPIN_US_MAX: u64 = 10_000;
 
 /// Everything `statehouse-server` can be told.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -60,10 +60,11 @@ pub struct Config {
     pub journal_segment_bytes: u64,
     /// sled's page cache bound.
     pub sled_cache_bytes: u64,
-    /// After a round of one or two commits, the journal writer busy-waits this long for the
-    /// next one before it sleeps (0: never): at low concurrency this saves waking a sleeping
-    /// thread per commit (tens of µs), for up to this much CPU per commit.
-    pub writer_spin_us: u64,
+    /// At low load (after a round of one commit), the journal writer busy-waits this
+    /// long for the next commit, and a commit alone in flight busy-polls this long for its
+    /// answer, before they sleep (0: never). Saves two thread wake-ups per commit (tens of
+    /// µs each) at low concurrency, for up to this much CPU per commit.
+    pub commit_spin_us: u64,
     /// Commits handed to the journal writer and not yet durable, at most.
     pub commits_pending_max: usize,
     /// Largest gRPC request accepted.
@@ -201,7 +202,7 @@ impl Default for Config {
             journal_segment_bytes: 64 << 20,
             sled_cache_bytes: 256 << 20,
             commits_pending_max: 65_536,
-            writer_spin_us: 250,
+            commit_spin_us: 250,
             message_bytes_max: 4 << 20,
             shutdown_timeout_ms: 30_000,
             supervision: SupervisionConfig::default(),
@@ -343,10 +344,10 @@ impl Config {
                 "must be at least 1",
             );
         }
-        if self.writer_spin_us > WRITER_SPIN_US_MAX {
+        if self.commit_spin_us > COMMIT_SPIN_US_MAX {
             return invalid(
-                "writer_spin_us",
-                &self.writer_spin_us,
+                "commit_spin_us",
+                &self.commit_spin_us,
                 "must be at most 10000 (a spin longer than a few fsyncs only burns CPU)",
             );
         }
@@ -381,7 +382,7 @@ impl Config {
             journal_segment_bytes: self.journal_segment_bytes,
             sled_cache_bytes: self.sled_cache_bytes,
             commits_pending_max: self.commits_pending_max,
-            writer_spin: Duration::from_micros(self.writer_spin_us),
+            commit_spin: Duration::from_micros(self.commit_spin_us),
         }
     }
 

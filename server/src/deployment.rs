@@ -274,7 +274,7 @@ mod tests {
             journal_segment_bytes: 1 << 20,
             sled_cache_bytes: 1 << 20,
             commits_pending_max: 16,
-            writer_spin: std::time::Duration::ZERO,
+            commit_spin: std::time::Duration::ZERO,
         })
         .unwrap()
     }

@@ -42,6 +42,7 @@
 mod apply;
 mod checkpoint;
 mod codec;
+mod commit_wait;
 mod event_runs;
 mod fsync;
 pub mod journal;
@@ -105,9 +106,10 @@ pub struct StoreConfig {
     pub sled_cache_bytes: u64,
     /// Upper bound on commits handed to the journal writer and not yet completed.
     pub commits_pending_max: usize,
-    /// After a round of one or two commits (light load), how long the journal writer
-    /// busy-waits for the next commit before it sleeps; zero never spins. See `writer`.
-    pub writer_spin: Duration,
+    /// At low load, how long the journal writer busy-waits for the next commit after a round
+    /// of one, and a lone commit's waiter for its answer, before they sleep; zero
+    /// never spins. See `writer` and `commit_wait`.
+    pub commit_spin: Duration,
 }
 
 #[cfg(test)]
@@ -125,7 +127,7 @@ impl StoreConfig {
             journal_segment_bytes: 64 * 1024 * 1024,
             sled_cache_bytes: 16 * 1024 * 1024,
             commits_pending_max: 1024,
-            writer_spin: Duration::ZERO,
+            commit_spin: Duration::ZERO,
         }
     }
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -24,6 +25,7 @@ use crate::address::{EntityId, TYPE_BYTES_MAX};
 
 use super::apply::plan;
 use super::checkpoint::{run_checkpointer, CheckpointRequest};
+use super::commit_wait::CommitWait;
 use super::fsync::{io_error, sled_error, sync_dir};
 use super::journal::frame::{body_len, encode_frame, FRAME_BODY_BYTES_MAX};
 use super::journal::segment::{journal_dir, remove_prepared, OpenSegment};
@@ -49,6 +51,10 @@ pub struct SledStore {
     closed: AtomicBool,
     /// Bounds commits handed to the writer and not yet answered.
     permits: Arc<Semaphore>,
+    /// All the permits there are (`StoreConfig::commits_pending_max`).
+    commits_pending_max: usize,
+    /// How long a lone commit's waiter busy-polls (`StoreConfig::commit_spin`).
+    commit_spin: Duration,
     /// The writer's queue; taken (and so closed) by `close`.
     submissions: RwLock<Option<mpsc::Sender<Submission>>>,
     writer: Mutex<Option<JoinHandle<Option<String>>>>,
@@ -140,7 +146,7 @@ impl SledStore {
                 segment_bytes_max: config.journal_segment_bytes,
                 round_bytes_max: ROUND_BYTES_MAX,
                 checkpoint_journal_bytes: config.checkpoint_journal_bytes,
-                idle_spin: config.writer_spin,
+                idle_spin: config.commit_spin,
             },
             journal_dir,
             segment,
@@ -169,6 +175,8 @@ impl SledStore {
             data_dir,
             closed: AtomicBool::new(false),
             permits: Arc::new(Semaphore::new(config.commits_pending_max)),
+            commits_pending_max: config.commits_pending_max,
+            commit_spin: config.commit_spin,
             submissions: RwLock::new(Some(submissions)),
             writer: Mutex::new(Some(writer)),
             checkpoint_requests,
@@ -342,13 +350,12 @@ impl Store for SledStore {
                     StoreError::JournalFailed("the journal writer thread has stopped".into())
                 })?;
         }
-        Ok(Durable::new(async move {
-            answer.await.map_err(|_| {
-                StoreError::JournalFailed(
-                    "the journal writer thread stopped before answering".into(),
-                )
-            })?
-        }))
+        Ok(Durable::new(CommitWait::new(
+            answer,
+            Arc::clone(&self.permits),
+            self.commits_pending_max,
+            self.commit_spin,
+        )))
     }
 
     async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {

@@ -1792,7 +1792,7 @@ async fn a_spinning_writer_commits_one_at_a_time_and_in_parallel_and_closes() {
     let root = tempfile::tempdir().unwrap();
     let store = SledStore::open(StoreConfig {
         // Long enough that every sequential commit arrives while the writer spins.
-        writer_spin: Duration::from_millis(50),
+        commit_spin: Duration::from_millis(50),
         ..config(root.path())
     })
     .unwrap();

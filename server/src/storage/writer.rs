@@ -52,7 +52,7 @@ pub const ROUND_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// A round of at most this many commits means light load: the writer then spins (up to
 /// `WriterConfig::idle_spin`) for the next commit before it sleeps.
-pub const SPIN_AFTER_ROUND_MAX: usize = 2;
+pub const SPIN_AFTER_ROUND_MAX: usize = 1;
 
 /// The writer stalls while the overlays hold this many times `checkpoint_journal_bytes`.
 pub const OVERLAY_STALL_FACTOR: u64 = 2;
@@ -197,7 +197,7 @@ impl Writer {
 
     /// Waits for the next submission; `None` once every sender is gone.
     ///
-    /// Spin, then sleep: after a light round (a commit or two: few requests in flight), the
+    /// Spin, then sleep: after a light round (one commit: one request in flight), the
     /// next commit usually arrives within a client round trip, and waking a sleeping thread
     /// costs tens of microseconds on a VM, a large share of a 200 µs commit. So the writer
     /// busy-waits up to `idle_spin` first. Under load rounds are large and the queue is rarely
