@@ -86,6 +86,25 @@ pub fn event_prefix(entity: &EntityId) -> Vec<u8> {
     entity_key(KIND_EVENT, entity)
 }
 
+/// The length of the entity prefix (`j type key`) that `key` starts with, if it is an event
+/// key (or a run's, or the prefix itself); `None` for every other key.
+///
+/// Entity prefixes are never a prefix of one another (the lengths are spelled out), so all
+/// keys that start with one form one contiguous range, between the keys before the prefix
+/// and those after it: the overlay groups an entity's events by it.
+pub fn event_prefix_len(key: &[u8]) -> Option<usize> {
+    if key.first() != Some(&KIND_EVENT) {
+        return None;
+    }
+    let len_at = |at: usize| -> Option<usize> {
+        let bytes: [u8; 2] = key.get(at..at + 2)?.try_into().ok()?;
+        Some(usize::from(u16::from_be_bytes(bytes)))
+    };
+    let type_end = 3 + len_at(1)?;
+    let key_end = type_end + 2 + len_at(type_end)?;
+    (key.len() >= key_end).then_some(key_end)
+}
+
 /// The key of the entity's event `seq`.
 pub fn event_key(entity: &EntityId, seq: u64) -> Vec<u8> {
     let mut key = event_prefix(entity);
@@ -245,6 +264,24 @@ mod tests {
             .map(|k| event_seq(k, event_prefix(&e).len()).unwrap())
             .collect();
         assert_eq!(decoded, seqs);
+    }
+
+    #[test]
+    fn the_event_prefix_of_an_event_key_is_found_and_of_others_not() {
+        let e = id("counter", "a-key");
+        let prefix = event_prefix(&e);
+        let event = event_key(&e, 7);
+        assert_eq!(event_prefix_len(&event), Some(prefix.len()));
+        assert_eq!(event_prefix_len(&prefix), Some(prefix.len()));
+        let run = event_run_key(&event, 3);
+        assert_eq!(event_prefix_len(&run), Some(prefix.len()));
+        assert_eq!(event_prefix_len(&snapshot_key(&e)), None);
+        assert_eq!(event_prefix_len(&exists_key(&e)), None);
+        assert_eq!(event_prefix_len(b""), None);
+        // Cut short anywhere inside the prefix: not an event key.
+        for len in 0..prefix.len() {
+            assert_eq!(event_prefix_len(&prefix[..len]), None, "{len} bytes");
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //! - The writer applies a shard's share of a round under the write lock; a [`View`] holds the
 //!   read lock for as long as it lives, so a read never sees part of a batch.
 
-use std::collections::btree_map;
+mod points;
+
 use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::ops::Bound;
@@ -32,6 +33,7 @@ use std::sync::Arc;
 
 use parking_lot::{RwLock, RwLockReadGuard};
 
+use self::points::{PointRange, Points};
 use super::apply::SledOp;
 use super::event_runs::RunWriter;
 
@@ -122,7 +124,7 @@ fn prefix_end(prefix: &[u8]) -> RangeEnd {
 #[derive(Debug, Default)]
 pub(crate) struct Layer {
     /// Puts (`Some`) and removals (`None`) by key.
-    points: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    points: Points,
     cleared: ClearedRanges,
     /// An estimate of the memory the layer holds.
     bytes: usize,
@@ -138,9 +140,12 @@ impl Layer {
                 from,
                 mut to_inclusive,
             } => {
-                // The key right after `to_inclusive` in byte order.
-                to_inclusive.push(0);
-                self.clear(from, Some(to_inclusive));
+                // An empty range clears nothing (and must not enter the disjoint ranges).
+                if from <= to_inclusive {
+                    // The key right after `to_inclusive` in byte order.
+                    to_inclusive.push(0);
+                    self.clear(from, Some(to_inclusive));
+                }
             }
             SledOp::RemovePrefix { prefix } => {
                 let end = prefix_end(&prefix);
@@ -151,29 +156,20 @@ impl Layer {
 
     fn point(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         let value_len = value.as_ref().map_or(0, Vec::len);
-        match self.points.entry(key) {
-            btree_map::Entry::Occupied(mut entry) => {
-                let old = entry.insert(value);
-                self.bytes = self.bytes + value_len - old.map_or(0, |v| v.len());
-            }
-            btree_map::Entry::Vacant(entry) => {
-                self.bytes += entry.key().len() + value_len + ENTRY_OVERHEAD_BYTES;
-                entry.insert(value);
-            }
+        let key_len = key.len();
+        match self.points.insert(key, value) {
+            Some(old) => self.bytes = self.bytes + value_len - old.map_or(0, |v| v.len()),
+            None => self.bytes += key_len + value_len + ENTRY_OVERHEAD_BYTES,
         }
     }
 
     fn clear(&mut self, start: Vec<u8>, end: RangeEnd) {
-        let doomed: Vec<Vec<u8>> = self
-            .points
-            .range::<[u8], _>((Bound::Included(start.as_slice()), end_bound(&end)))
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in doomed {
-            if let Some(value) = self.points.remove(&key) {
-                self.bytes -= key.len() + value.map_or(0, |v| v.len()) + ENTRY_OVERHEAD_BYTES;
-            }
-        }
+        let mut freed = 0;
+        self.points
+            .remove_range(&start, end.as_deref(), |key, value| {
+                freed += key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES;
+            });
+        self.bytes -= freed;
         let added = start.len() + end.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES;
         let before = self.cleared.len();
         self.cleared.insert(start, end);
@@ -214,7 +210,7 @@ impl Layer {
         tree.apply_batch(std::mem::take(&mut batch))?;
         writes = 0;
         let mut runs = RunWriter::new();
-        for (key, value) in &self.points {
+        for (key, value) in self.points.iter() {
             match value {
                 Some(value) => {
                     if let Some((key, value)) = runs.push(&mut batch, key, value) {
@@ -330,16 +326,21 @@ impl View<'_> {
 
     /// Every key from `lower` on, in order, with its value.
     pub(crate) fn range_from(&self, lower: Bound<Vec<u8>>) -> Merged<'_> {
-        let range = (lower.clone(), Bound::Unbounded);
         let layers: Vec<&Layer> = self.newest_first().collect();
         let heads = layers
             .iter()
-            .map(|layer| layer.points.range(range.clone()).peekable())
+            .map(|layer| {
+                let lower = lower.as_ref().map(Vec::as_slice);
+                layer.points.range(lower, Bound::Unbounded).peekable()
+            })
             .collect();
         Merged {
             layers,
             heads,
-            sled: self.tree.range::<Vec<u8>, _>(range).peekable(),
+            sled: self
+                .tree
+                .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+                .peekable(),
         }
     }
 
@@ -356,13 +357,14 @@ impl View<'_> {
     }
 }
 
-type PointRange<'a> = Peekable<btree_map::Range<'a, Vec<u8>, Option<Vec<u8>>>>;
+/// A layer's points in a scanned range, with the next one at hand.
+type Head<'a> = Peekable<PointRange<'a>>;
 
 /// A scan merging the layers (newest first) over sled.
 pub(crate) struct Merged<'a> {
     layers: Vec<&'a Layer>,
     /// Each layer's points in the scanned range, parallel to `layers`.
-    heads: Vec<PointRange<'a>>,
+    heads: Vec<Head<'a>>,
     sled: Peekable<sled::Iter>,
 }
 
@@ -580,8 +582,8 @@ mod tests {
                 0..=4 => put(&key(next(60)), format!("v{step}").as_bytes()),
                 5 | 6 => remove(&key(next(60))),
                 7 | 8 => {
-                    let (a, b) = (next(60), next(60));
-                    range(&key(a.min(b)), &key(a.max(b)))
+                    let (a, b) = (key(next(60)), key(next(60)));
+                    range(&a.clone().min(b.clone()), &a.max(b))
                 }
                 _ => prefix(&key(next(60))[..2]),
             };
