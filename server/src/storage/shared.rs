@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -30,6 +31,10 @@ pub(crate) struct Shared {
     /// to sled: a writer stalled on a full overlay waits for it.
     pub overlay_released: Condvar,
     pub overlay_lock: Mutex<()>,
+    /// Set by the writer while its recent rounds carried about one commit each (about one
+    /// request in flight). Only then do the writer and a lone commit's waiter spin before they
+    /// sleep (`writer`, `commit_wait`): under load, spinning would take CPU from the work.
+    pub light_load: Arc<AtomicBool>,
     pub counters: Counters,
 }
 
@@ -52,6 +57,7 @@ impl Shared {
             checkpoint_requested: AtomicBool::new(false),
             overlay_released: Condvar::new(),
             overlay_lock: Mutex::new(()),
+            light_load: Arc::new(AtomicBool::new(false)),
             counters: Counters::default(),
         }
     }

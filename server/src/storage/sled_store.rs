@@ -352,6 +352,7 @@ impl Store for SledStore {
         }
         Ok(Durable::new(CommitWait::new(
             answer,
+            Arc::clone(&self.shared.light_load),
             Arc::clone(&self.permits),
             self.commits_pending_max,
             self.commit_spin,

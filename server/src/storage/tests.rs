@@ -1796,13 +1796,22 @@ async fn a_spinning_writer_commits_one_at_a_time_and_in_parallel_and_closes() {
         ..config(root.path())
     })
     .unwrap();
-    // One in flight: each round has one commit, so the writer spins between them.
+    // One in flight: each round has one commit, so the load turns light and the writer
+    // spins between them.
+    let light = || {
+        store
+            .shared()
+            .light_load
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert!(!light(), "light before any round");
     for seq in 1..=50 {
         store
             .commit(batch(0, "one", vec![event(seq)]))
             .await
             .unwrap();
     }
+    assert!(light(), "not light after 50 rounds of one commit");
     // Many in flight: larger rounds, no spinning, same outcome.
     let mut commits = tokio::task::JoinSet::new();
     for n in 0..64u32 {

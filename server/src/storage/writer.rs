@@ -11,7 +11,7 @@
 //! one filled, or prepared on the spot if it is not ready). A clean stop cuts the open segment
 //! to its data too, so only a segment the process died while writing ends in zeros.
 //!
-//! Between rounds the writer waits for the next submission: after a light round it first
+//! Between rounds the writer waits for the next submission: under light load it first
 //! busy-waits up to `idle_spin` (see [`Writer::next_submission`]), then sleeps.
 //!
 //! A round: take the first [`Submission`], drain whatever else is already queued (up to
@@ -50,9 +50,13 @@ use super::{Durability, StoreError};
 /// by one frame, since the frame that crosses the line is already taken).
 pub const ROUND_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-/// A round of at most this many commits means light load: the writer then spins (up to
-/// `WriterConfig::idle_spin`) for the next commit before it sleeps.
-pub const SPIN_AFTER_ROUND_MAX: usize = 1;
+/// Light load: the recent rounds averaged at most this many commits (about one request in
+/// flight). Only then does the writer spin (up to `WriterConfig::idle_spin`) for the next
+/// commit before it sleeps, and a lone commit's waiter for its answer (`commit_wait`).
+pub const LIGHT_LOAD_ROUND_COMMITS: f32 = 1.5;
+
+/// The weight of the newest round in the running average of commits per round.
+const ROUND_AVERAGE_WEIGHT: f32 = 1.0 / 8.0;
 
 /// The writer stalls while the overlays hold this many times `checkpoint_journal_bytes`.
 pub const OVERLAY_STALL_FACTOR: u64 = 2;
@@ -78,7 +82,7 @@ pub(crate) struct WriterConfig {
     pub segment_bytes_max: u64,
     pub round_bytes_max: usize,
     pub checkpoint_journal_bytes: u64,
-    /// How long to busy-wait for a commit after a light round before sleeping.
+    /// Under light load, how long to busy-wait for a commit before sleeping.
     pub idle_spin: Duration,
 }
 
@@ -101,8 +105,8 @@ pub(crate) struct Writer {
     bytes_since_checkpoint_request: u64,
     /// Reused for each round's single write.
     buffer: Vec<u8>,
-    /// Commits in the last round.
-    last_round_commits: usize,
+    /// Commits per round, a running average over the recent rounds.
+    round_commits_average: f32,
 }
 
 impl Writer {
@@ -137,7 +141,8 @@ impl Writer {
             request_checkpoint,
             bytes_since_checkpoint_request: 0,
             buffer: Vec::new(),
-            last_round_commits: usize::MAX,
+            // Not light until rounds of one commit have been seen for a while.
+            round_commits_average: 8.0,
         }
     }
 
@@ -174,7 +179,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.last_round_commits = round.len();
+            self.note_round(round.len());
             self.run_round(round);
         }
         if self.unsynced_since.is_some() {
@@ -195,15 +200,24 @@ impl Writer {
         self.poisoned
     }
 
+    /// Folds a round of `commits` into the running average and publishes whether the load is
+    /// light.
+    fn note_round(&mut self, commits: usize) {
+        self.round_commits_average +=
+            ROUND_AVERAGE_WEIGHT * (commits as f32 - self.round_commits_average);
+        let light = self.round_commits_average <= LIGHT_LOAD_ROUND_COMMITS;
+        self.shared.light_load.store(light, Ordering::Relaxed);
+    }
+
     /// Waits for the next submission; `None` once every sender is gone.
     ///
-    /// Spin, then sleep: after a light round (one commit: one request in flight), the
-    /// next commit usually arrives within a client round trip, and waking a sleeping thread
-    /// costs tens of microseconds on a VM, a large share of a 200 µs commit. So the writer
-    /// busy-waits up to `idle_spin` first. Under load rounds are large and the queue is rarely
-    /// empty, so it does not spin and leaves the CPU to the request path.
+    /// Spin, then sleep: under light load (rounds of about one commit: one request in
+    /// flight), the next commit usually arrives within a client round trip, and waking a
+    /// sleeping thread costs tens of microseconds on a VM, a large share of a 200 µs commit.
+    /// So the writer busy-waits up to `idle_spin` first. Under load it does not spin (even
+    /// after a round that happened to carry one commit) and leaves the CPU to the request path.
     fn next_submission(&self, submissions: &Receiver<Submission>) -> Option<Submission> {
-        if !self.config.idle_spin.is_zero() && self.last_round_commits <= SPIN_AFTER_ROUND_MAX {
+        if !self.config.idle_spin.is_zero() && self.shared.light_load.load(Ordering::Relaxed) {
             let until = Instant::now() + self.config.idle_spin;
             loop {
                 match submissions.try_recv() {
