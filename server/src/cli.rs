@@ -47,6 +47,10 @@ pub struct Flags {
     /// Passivate an entity after this long without messages [default: 60000].
     #[arg(long, value_name = "MS")]
     idle_timeout_ms: Option<u64>,
+    /// An entity without messages this long gives up its task but stays active; 0 never
+    /// [default: 10000].
+    #[arg(long, value_name = "MS")]
+    hibernate_after_ms: Option<u64>,
     /// Messages an entity's mailbox holds before RESOURCE_EXHAUSTED [default: 1024].
     #[arg(long, value_name = "N")]
     mailbox_capacity: Option<usize>,
@@ -102,6 +106,7 @@ impl Flags {
             self.snapshot_every_events,
         );
         set(&mut config.idle_timeout_ms, self.idle_timeout_ms);
+        set(&mut config.hibernate_after_ms, self.hibernate_after_ms);
         set(&mut config.mailbox_capacity, self.mailbox_capacity);
         set(&mut config.dedup_window_ms, self.dedup_window_ms);
         set(

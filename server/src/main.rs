@@ -7,7 +7,10 @@ use statehouse_server::behaviour::BehaviourRegistry;
 /// jemalloc instead of the system allocator: the server allocates small, short-lived buffers
 /// on every thread (requests, turns, journal frames), where glibc's malloc spent ~20% of the
 /// CPU under load, and keeps millions of small entities, where jemalloc holds the least
-/// memory of the allocators measured (glibc, mimalloc; see ARCHITECTURE.md).
+/// memory of the allocators measured (glibc, mimalloc; see ARCHITECTURE.md). Built with
+/// jemalloc's background thread on (the crate's `background_threads` feature): it returns
+/// freed pages to the system on time even while the server is idle, so memory that
+/// passivated and hibernating entities gave up stops counting as resident.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -121,3 +121,72 @@ async fn cast_is_accepted_and_handled_in_mailbox_order() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err}");
 }
+
+/// The state the supervision tree shows for `counter/KEY` (`None` if it is not there).
+fn tree_state(server: &TestServer, key: &str) -> Option<String> {
+    fn find(node: &serde_json::Value, name: &str) -> Option<String> {
+        if node["name"] == name {
+            return node["state"].as_str().map(str::to_owned);
+        }
+        node["children"]
+            .as_array()?
+            .iter()
+            .find_map(|child| find(child, name))
+    }
+    find(
+        &server.cli(&["tree", "--json"]).json(),
+        &format!("counter/{key}"),
+    )
+}
+
+/// Polls (bounded) until the tree shows `counter/KEY` in `state`.
+async fn wait_for_tree_state(server: &TestServer, key: &str, state: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tree_state(server, key).as_deref() != Some(state) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "counter/{key} never became {state}: {:?}",
+            tree_state(server, key)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_entities_hibernate_stay_active_and_resume_with_state_intact() {
+    let mut server = TestServer::start_with(&["--hibernate-after-ms", "50"]);
+    let client = server.client().await;
+    client.counter("sleepy").incr(5).await.unwrap();
+    wait_for_tree_state(&server, "sleepy", "hibernating").await;
+    // `Get` reads it without waking it; it is still active.
+    let got = client.get("counter", "sleepy").await.unwrap();
+    assert_eq!((got.state, got.active), (json!({"value": 5}), true));
+    assert_eq!(
+        tree_state(&server, "sleepy").as_deref(),
+        Some("hibernating")
+    );
+    // A call resumes it where it was, and it hibernates again.
+    assert_eq!(client.counter("sleepy").incr(1).await.unwrap(), 6);
+    wait_for_tree_state(&server, "sleepy", "hibernating").await;
+
+    // Hibernating changes nothing about durability: killed now, it comes back from disk.
+    server.kill();
+    server.restart();
+    let client = server.client().await;
+    assert_eq!(client.counter("sleepy").incr(1).await.unwrap(), 7);
+    server.terminate();
+
+    // With hibernation off, an idle entity stays running until it passivates.
+    let mut server =
+        TestServer::start_with(&["--hibernate-after-ms", "0", "--idle-timeout-ms", "400"]);
+    let client = server.client().await;
+    client.counter("awake").incr(1).await.unwrap();
+    assert_eq!(tree_state(&server, "awake").as_deref(), Some("running"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Some(state) = tree_state(&server, "awake") {
+        assert_eq!(state, "running");
+        assert!(std::time::Instant::now() < deadline, "never passivated");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.terminate();
+}

@@ -322,6 +322,7 @@ mod tests {
     fn config(max: usize, window_ms: u64) -> EntityConfig {
         EntityConfig {
             idle_timeout: Duration::from_secs(1),
+            hibernate_after: Duration::ZERO,
             snapshot_every_events: 0,
             mailbox_capacity: 1,
             dedup_window: Duration::from_millis(window_ms),

@@ -91,6 +91,9 @@ pub enum Request {
     Wake,
     /// From the shard's idle sweep: passivate if idle for `idle_timeout` with nothing waiting.
     Idle,
+    /// From the shard's idle sweep: hibernate (give up the task, stay active) if nothing
+    /// waits.
+    Hibernate,
     /// Put dead letter `id` back into the durable inbox; the reply says whether it existed.
     Redrive {
         id: String,
@@ -148,7 +151,7 @@ impl Envelope {
                 tracing::debug!(%error, timer = %name, "timer delivery dropped; it is retried")
             }
             Request::Cast { .. } => tracing::debug!(%error, "cast dropped"),
-            Request::Wake | Request::Idle => {}
+            Request::Wake | Request::Idle | Request::Hibernate => {}
             Request::Info { .. } => tracing::debug!(%error, "info message dropped"),
         }
     }

@@ -188,6 +188,21 @@ impl<T> MailboxReceiver<T> {
         Ok(message)
     }
 
+    /// Leaves `waker` to be woken by the next message (or the mailbox closing, or the last
+    /// sender going) instead of a receiving task, if nothing is waiting and the mailbox is
+    /// open: true. False, registering nothing, if a message is waiting or the mailbox closed.
+    pub fn park(&mut self, waker: &Waker) -> bool {
+        let mut queue = self.shared.queue.lock();
+        if !queue.items.is_empty()
+            || queue.closed
+            || self.shared.senders.load(Ordering::Acquire) == 0
+        {
+            return false;
+        }
+        queue.receiver = Some(waker.clone());
+        true
+    }
+
     /// Whether no message is waiting.
     pub fn is_empty(&self) -> bool {
         self.shared.queue.lock().items.is_empty()

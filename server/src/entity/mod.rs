@@ -39,6 +39,9 @@ use crate::behaviour::Behaviour;
 pub struct EntityConfig {
     /// An entity with no message for this long is passivated.
     pub idle_timeout: Duration,
+    /// An entity with no message for this long hibernates: it gives up its task but stays
+    /// active (zero: never). See `process`.
+    pub hibernate_after: Duration,
     /// A snapshot is written once this many events were committed since the last one
     /// (0: never).
     pub snapshot_every_events: u64,

@@ -300,14 +300,32 @@ impl Shard {
         self.state.lock().directory.get(id).cloned()
     }
 
-    /// Active entities with an empty mailbox that took no message for at least `idle`.
-    pub fn idle_entities(&self, idle: std::time::Duration) -> Vec<EntityHandle> {
+    /// Active entities with an empty mailbox to ask to passivate (no message for at least
+    /// `passivate_after`: true) or to hibernate (none for `hibernate_after`, if not zero, and
+    /// not hibernating yet: false).
+    pub fn idle_entities(
+        &self,
+        passivate_after: std::time::Duration,
+        hibernate_after: std::time::Duration,
+    ) -> Vec<(EntityHandle, bool)> {
         self.state
             .lock()
             .directory
             .values()
-            .filter(|handle| handle.mailbox_len() == 0 && handle.idle_for() >= idle)
-            .cloned()
+            .filter(|handle| handle.mailbox_len() == 0)
+            .filter_map(|handle| {
+                let idle_for = handle.idle_for();
+                if idle_for >= passivate_after {
+                    Some((handle.clone(), true))
+                } else if !hibernate_after.is_zero()
+                    && idle_for >= hibernate_after
+                    && !handle.is_hibernating()
+                {
+                    Some((handle.clone(), false))
+                } else {
+                    None
+                }
+            })
             .collect()
     }
 
@@ -339,7 +357,12 @@ impl Shard {
                 name: id.to_string(),
                 kind: NodeKind::Entity,
                 strategy: None,
-                state: "running".into(),
+                state: if handle.is_hibernating() {
+                    "hibernating"
+                } else {
+                    "running"
+                }
+                .into(),
                 restarts: record.map_or(0, |r| r.restarts),
                 restarts_in_window: record.map_or(0, |r| r.window.count(now) as u32),
                 mailbox_len: Some(handle.mailbox_len() as u64),

@@ -105,6 +105,7 @@ impl Shards {
         tokio::spawn(idle_sweep(
             shards.iter().map(Arc::downgrade).collect(),
             context.config.idle_timeout,
+            context.config.hibernate_after,
             context.cancel.clone(),
         ));
         for shard in &shards {
@@ -628,16 +629,23 @@ impl Shards {
     }
 }
 
-/// Asks every entity that took no message for `idle_timeout` to passivate (it decides, at a
+/// Asks every entity that took no message for `idle_timeout` to passivate, and every other
+/// one that took none for `hibernate_after` (unless zero) to hibernate (each decides, at a
 /// turn boundary, whether it still is idle). One task for the server instead of a timer in
-/// every entity; passivation comes between `idle_timeout` and 1.25 × `idle_timeout` (at least
+/// every entity; each comes between its time and 1.25 × the shorter of the two (at least
 /// 5 ms, at most 5 s) later.
 async fn idle_sweep(
     shards: Vec<std::sync::Weak<Shard>>,
     idle_timeout: std::time::Duration,
+    hibernate_after: std::time::Duration,
     cancel: CancellationToken,
 ) {
-    let every = (idle_timeout / 4).clamp(
+    let shortest = if hibernate_after.is_zero() {
+        idle_timeout
+    } else {
+        idle_timeout.min(hibernate_after)
+    };
+    let every = (shortest / 4).clamp(
         std::time::Duration::from_millis(5),
         std::time::Duration::from_secs(5),
     );
@@ -648,9 +656,13 @@ async fn idle_sweep(
         }
         for shard in &shards {
             let Some(shard) = shard.upgrade() else { return };
-            for handle in shard.idle_entities(idle_timeout) {
+            for (handle, passivate) in shard.idle_entities(idle_timeout, hibernate_after) {
                 let envelope = Envelope {
-                    request: Request::Idle,
+                    request: if passivate {
+                        Request::Idle
+                    } else {
+                        Request::Hibernate
+                    },
                     deadline: None,
                 };
                 // A full or closed mailbox means it is not idle (or gone): nothing to do.

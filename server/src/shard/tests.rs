@@ -39,6 +39,8 @@ struct MemoryStore {
     catalog: Mutex<BTreeMap<String, Vec<u8>>>,
     commits: AtomicUsize,
     snapshots: AtomicUsize,
+    /// Entities loaded (activations).
+    loads: AtomicUsize,
     /// When set, every commit waits for a permit first.
     gate: Option<Arc<Semaphore>>,
     /// Commits waiting at the gate.
@@ -71,6 +73,7 @@ impl Store for MemoryStore {
     }
 
     async fn load(&self, shard: u32, entity: &EntityId) -> Result<LoadedEntity, StoreError> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
         let entities = self.entities.lock();
         let records = self.records.lock();
         let mut loaded = entities.get(entity).cloned().unwrap_or_default();
@@ -292,6 +295,7 @@ impl MemoryRecords {
 fn config() -> EntityConfig {
     EntityConfig {
         idle_timeout: Duration::from_secs(60),
+        hibernate_after: Duration::ZERO,
         snapshot_every_events: 0,
         mailbox_capacity: 16,
         dedup_window: Duration::from_secs(3600),
@@ -429,6 +433,141 @@ async fn idle_entities_passivate_and_come_back_from_storage() {
             deduplicated: false,
         }
     );
+}
+
+/// The supervision-tree state of the entity `id` (`None` if it is not in the tree).
+fn tree_state(shards: &Shards, id: &EntityId) -> Option<String> {
+    fn find(node: &crate::supervisor::TreeNode, name: &str) -> Option<String> {
+        if node.name == name {
+            return Some(node.state.clone());
+        }
+        node.children.iter().find_map(|child| find(child, name))
+    }
+    find(&shards.tree(usize::MAX), &id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_entities_hibernate_and_resume_without_loading() {
+    let store = Arc::new(MemoryStore::default());
+    let shards = shards_on(
+        store.clone(),
+        EntityConfig {
+            hibernate_after: Duration::from_millis(20),
+            ..config()
+        },
+    );
+    let (a, b) = (counter("a"), counter("b"));
+    for id in [&a, &b] {
+        shards
+            .call(id.clone(), json!({"op": "incr", "by": 7}), None, None)
+            .await
+            .unwrap();
+    }
+    let hibernating = |id: &EntityId| tree_state(&shards, id).as_deref() == Some("hibernating");
+    eventually("hibernation", || hibernating(&a) && hibernating(&b)).await;
+    assert_eq!(shards.active_count(), 2, "hibernating entities stay active");
+    // Reading the committed state does not wake it.
+    let (view, active) = shards.get(a.clone()).await.unwrap();
+    assert_eq!((view.state, active), (json!({"value": 7}), true));
+    assert!(hibernating(&a));
+
+    // A message resumes it where it was: no load from storage.
+    for round in 1..=3 {
+        let reply = shards
+            .call(a.clone(), json!({"op": "incr"}), None, None)
+            .await
+            .unwrap();
+        assert_eq!(reply.reply, json!({"value": 7 + round}));
+        assert_eq!(reply.seq, 1 + round as u64);
+        assert_eq!(tree_state(&shards, &a).as_deref(), Some("running"));
+        // And it hibernates again.
+        eventually("hibernating again", || hibernating(&a)).await;
+    }
+    assert_eq!(
+        store.loads.load(Ordering::SeqCst),
+        2,
+        "one load per activation"
+    );
+
+    // Stop and shutdown reach a hibernating entity (its mailbox wakes it).
+    assert!(shards.stop(b.clone()).await.unwrap());
+    assert_eq!(shards.active_count(), 1);
+    shards.shutdown().await;
+    assert_eq!(shards.active_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_restart_drops_hibernating_entities_and_they_come_back_from_storage() {
+    let store = Arc::new(MemoryStore::default());
+    let mut supervision = supervision(0);
+    supervision.shard.max_restarts = 1;
+    supervision.shard.backoff_initial_ms = 50;
+    supervision.shard.backoff_max_ms = 50;
+    let mut registry = BehaviourRegistry::with_builtins();
+    registry.register(Arc::new(Probe)).unwrap();
+    let shards = shards_with(
+        registry,
+        store.clone(),
+        EntityConfig {
+            hibernate_after: Duration::from_millis(20),
+            ..config()
+        },
+        supervision,
+    );
+    let shard = |id: &EntityId| hash::shard_of(id, 4);
+    let sleeper = probe("sleeper");
+    let crashers: Vec<EntityId> = (0..)
+        .map(|n| probe(&format!("k{n}")))
+        .filter(|id| shard(id) == shard(&sleeper))
+        .take(2)
+        .collect();
+    for _ in 0..2 {
+        shards
+            .call(sleeper.clone(), json!("tick"), None, None)
+            .await
+            .unwrap();
+    }
+    eventually("hibernation", || {
+        tree_state(&shards, &sleeper).as_deref() == Some("hibernating")
+    })
+    .await;
+    // Two quarantines in the shard: past its intensity, it kills every entity, the
+    // hibernating one included.
+    for id in &crashers {
+        let _ = shards
+            .call(id.clone(), json!("fail"), None, None)
+            .await
+            .unwrap_err();
+    }
+    eventually("the shard to kill it", || {
+        tree_state(&shards, &sleeper).is_none()
+    })
+    .await;
+    let loads = store.loads.load(Ordering::SeqCst);
+    let shard_node = format!("shard-{}", shard(&sleeper));
+    let shard_state = || {
+        shards
+            .tree(0)
+            .walk()
+            .into_iter()
+            .find(|node| node.name == shard_node)
+            .map(|node| (node.state.clone(), node.restarts))
+    };
+    eventually("the backoff to end", || {
+        shard_state() == Some(("running".to_owned(), 1))
+    })
+    .await;
+    shards
+        .call(sleeper.clone(), json!("tick"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.loads.load(Ordering::SeqCst),
+        loads + 1,
+        "loaded again"
+    );
+    let (view, _) = shards.get(sleeper.clone()).await.unwrap();
+    assert_eq!(view.state, json!(["tick", "tick", "tick"]));
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ pub struct TreeNode {
     pub kind: NodeKind,
     /// Set for supervisors only.
     pub strategy: Option<Strategy>,
-    /// `running`, `restarting`, `quarantined`, `backoff`, ...
+    /// `running`, `hibernating`, `restarting`, `quarantined`, `backoff`, ...
     pub state: String,
     /// Total restarts so far.
     pub restarts: u64,
