@@ -29,7 +29,7 @@ use std::time::Duration;
 pub use durables::{validate_request_id, REQUEST_ID_BYTES_MAX};
 pub use envelope::{CallReply, DeliveryAck, Envelope, Request, Subscription, WatchedTurn};
 pub use error::EntityError;
-pub use process::{spawn, EntityHandle, SpawnArgs, StateView};
+pub use process::{spawn, EntityContext, EntityHandle, SpawnArgs, StateView};
 
 use crate::address::EntityId;
 use crate::behaviour::Behaviour;

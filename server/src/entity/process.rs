@@ -14,7 +14,7 @@
 //! which a million idle entities would otherwise pay. Reads of the committed state (`Get`)
 //! never wake it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
@@ -43,6 +43,19 @@ use super::{
     Exit, Request, Subscription, WatchedTurn,
 };
 
+/// What every activation shares: one pointer in each process instead of five (a million
+/// idle entities pay for every word of a process).
+pub struct EntityContext {
+    /// Every version of every type: to replay records with the version that wrote them and
+    /// to notice a new active version at a turn boundary.
+    pub registry: Arc<BehaviourRegistry>,
+    pub store: Arc<dyn Store>,
+    pub config: Arc<EntityConfig>,
+    /// Tracks every entity task (and every task a hibernating entity resumes on), so
+    /// shutdown can wait for them all.
+    pub tracker: TaskTracker,
+}
+
 /// Everything a new activation needs.
 pub struct SpawnArgs {
     pub id: EntityId,
@@ -50,12 +63,8 @@ pub struct SpawnArgs {
     /// Distinguishes this activation from earlier and later ones of the same entity.
     pub generation: u64,
     pub behaviour: Arc<dyn Behaviour>,
-    /// Every version of every type: to replay records with the version that wrote them and
-    /// to notice a new active version at a turn boundary.
-    pub registry: Arc<BehaviourRegistry>,
-    pub store: Arc<dyn Store>,
     pub host: Arc<dyn EntityHost>,
-    pub config: Arc<EntityConfig>,
+    pub context: Arc<EntityContext>,
 }
 
 /// The committed state of an entity, as `Get` returns it.
@@ -284,11 +293,11 @@ impl EntityHandle {
     }
 }
 
-/// Starts an activation on `tracker` and returns its handle. The entity loads its durable
-/// state before it takes its first message.
-pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
+/// Starts an activation on the context's tracker and returns its handle. The entity loads its
+/// durable state before it takes its first message.
+pub fn spawn(args: SpawnArgs) -> EntityHandle {
     let generation = args.generation;
-    let (mailbox, inbox) = mailbox::mailbox(args.config.mailbox_capacity.max(1));
+    let (mailbox, inbox) = mailbox::mailbox(args.context.config.mailbox_capacity.max(1));
     let shared = Arc::new(Shared {
         id: Arc::new(args.id),
         committed: RwLock::new(None),
@@ -300,11 +309,8 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         shard: args.shard,
         generation,
         behaviour: args.behaviour,
-        seen_registry_generation: Some(args.registry.generation()),
-        registry: args.registry,
-        store: args.store,
+        seen_registry_generation: Some(args.context.registry.generation()),
         host: args.host,
-        config: args.config,
         shared: shared.clone(),
         inbox,
         seq: 0,
@@ -313,11 +319,12 @@ pub fn spawn(args: SpawnArgs, tracker: &TaskTracker) -> EntityHandle {
         pending: VecDeque::new(),
         watchers: None,
         durables: Durables::default(),
-        attempts: HashMap::new(),
-        tracker: tracker.clone(),
+        attempts: BTreeMap::new(),
+        context: args.context,
     };
     // Boxed: an async fn keeps its argument and its moved-in local apart, so an inline
     // `Process` would be stored twice in every idle task.
+    let tracker = process.context.tracker.clone();
     let task = tracker.spawn(Box::new(process).run()).abort_handle();
     shared.activation.lock().task = Some(task);
     EntityHandle {
@@ -360,13 +367,11 @@ struct Process {
     generation: u64,
     /// The version this activation runs; replaced by a hot upgrade.
     behaviour: Arc<dyn Behaviour>,
-    registry: Arc<BehaviourRegistry>,
     /// The registry generation this activation last checked for a new version; `None` forces
     /// a check at the next turn (after a failed upgrade).
     seen_registry_generation: Option<u64>,
-    store: Arc<dyn Store>,
     host: Arc<dyn EntityHost>,
-    config: Arc<EntityConfig>,
+    context: Arc<EntityContext>,
     shared: Arc<Shared>,
     inbox: MailboxReceiver<Box<Envelope>>,
     /// Sequence number of the last committed event.
@@ -382,13 +387,12 @@ struct Process {
     durables: Durables,
     /// Crashes per durable message, kept across restarts of this activation: past
     /// `dead_letter_after_crashes` the message becomes a dead letter.
-    attempts: HashMap<DurableRef, (u32, String)>,
-    /// Where a hibernating process's next task is tracked.
-    tracker: TaskTracker,
+    /// An ordered map: empty, it allocates nothing and is half a hash map's size.
+    attempts: BTreeMap<DurableRef, (u32, String)>,
 }
 
 /// A durable message that may crash its entity.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum DurableRef {
     Timer { name: String, due_ms: u64 },
     Inbox(u64),
@@ -576,7 +580,7 @@ impl Process {
         let resume = Waker::from(Arc::new(Resume {
             shared: Arc::downgrade(&shared),
             runtime: tokio::runtime::Handle::current(),
-            tracker: self.tracker.clone(),
+            tracker: self.context.tracker.clone(),
         }));
         let mut activation = shared.activation.lock();
         if !self.inbox.park(&resume) {
@@ -626,18 +630,20 @@ impl Process {
     /// Loads the snapshot and events and installs the recovered state.
     async fn activate(&mut self) -> Result<(), EntityError> {
         let mut loaded = self
+            .context
             .store
             .load(self.shard, &self.shared.id)
             .await
             .map_err(|e| EntityError::from_store(&self.shared.id, e))?;
         let records = std::mem::take(&mut loaded.records);
         // The active version now: a deploy may have happened since this entity was routed.
-        self.seen_registry_generation = Some(self.registry.generation());
+        self.seen_registry_generation = Some(self.context.registry.generation());
         let latest = self
+            .context
             .registry
             .get(&self.shared.id.entity_type)
             .unwrap_or_else(|| self.behaviour.clone());
-        let registry = self.registry.clone();
+        let registry = self.context.registry.clone();
         let entity_type = self.shared.id.entity_type.clone();
         let versions = move |version: u32| registry.version(&entity_type, version);
         let Recovered {
@@ -648,7 +654,12 @@ impl Process {
             migrated_from,
             upgrade_error,
         } = recovery::recover(&latest, &versions, &self.shared.id, loaded)?;
-        self.durables = Durables::load(&self.shared.id, &records, now_unix_ms(), &self.config)?;
+        self.durables = Durables::load(
+            &self.shared.id,
+            &records,
+            now_unix_ms(),
+            &self.context.config,
+        )?;
         self.seq = seq;
         self.events_since_snapshot = events_since_snapshot;
         self.behaviour = behaviour.clone();
@@ -673,11 +684,11 @@ impl Process {
     /// on it from now on. On failure nothing changes: the old state stays, and the error is
     /// this turn's crash.
     async fn upgrade_if_deployed(&mut self) -> Result<(), String> {
-        let generation = self.registry.generation();
+        let generation = self.context.registry.generation();
         if self.seen_registry_generation == Some(generation) {
             return Ok(());
         }
-        let Some(latest) = self.registry.get(&self.shared.id.entity_type) else {
+        let Some(latest) = self.context.registry.get(&self.shared.id.entity_type) else {
             self.seen_registry_generation = Some(generation);
             return Ok(());
         };
@@ -842,7 +853,7 @@ impl Process {
     /// waits (mailbox, durable inbox, output gate) and nobody watches.
     fn idle_check(&self) -> Next {
         let idle_ms = clock_ms().saturating_sub(self.shared.last_active.load(Ordering::Relaxed));
-        let idle = idle_ms >= self.config.idle_timeout.as_millis() as u64
+        let idle = idle_ms >= self.context.config.idle_timeout.as_millis() as u64
             && self.pending.is_empty()
             && self.inbox.is_empty()
             && !self.durables.has_inbox()
@@ -920,7 +931,7 @@ impl Process {
                         &self.shared.id,
                         request_id,
                         record,
-                        &self.config,
+                        &self.context.config,
                         &mut ops,
                     )
                 }
@@ -965,7 +976,7 @@ impl Process {
     fn exhausted(&self, what: &DurableRef) -> bool {
         self.attempts
             .get(what)
-            .is_some_and(|(n, _)| *n >= self.config.dead_letter_after_crashes)
+            .is_some_and(|(n, _)| *n >= self.context.config.dead_letter_after_crashes)
     }
 
     /// Counts a crash of a durable message.
@@ -1082,6 +1093,7 @@ impl Process {
             return Ok(seq);
         }
         let stored = self
+            .context
             .store
             .record(
                 self.shard,
@@ -1228,6 +1240,7 @@ impl Process {
         reply: oneshot::Sender<Result<bool, EntityError>>,
     ) -> Next {
         let stored = self
+            .context
             .store
             .record(
                 self.shard,
@@ -1517,7 +1530,7 @@ impl Process {
                     &self.shared.id,
                     request_id,
                     record,
-                    &self.config,
+                    &self.context.config,
                     &mut ops,
                 )?;
             }
@@ -1704,7 +1717,7 @@ impl Process {
     /// Commits a snapshot once enough events have accumulated since the last one. A failed
     /// snapshot costs nothing but replay time, so it is logged, not reported to a caller.
     async fn maybe_snapshot(&mut self) {
-        let every = self.config.snapshot_every_events;
+        let every = self.context.config.snapshot_every_events;
         if every == 0 || self.events_since_snapshot < every {
             return;
         }
@@ -1774,7 +1787,8 @@ impl Process {
             entity: EntityId::clone(&self.shared.id),
             ops,
         };
-        self.store
+        self.context
+            .store
             .submit(batch)
             .await
             .map_err(|e| EntityError::from_store(&self.shared.id, e))
@@ -1786,7 +1800,8 @@ impl Process {
             entity: EntityId::clone(&self.shared.id),
             ops,
         };
-        self.store
+        self.context
+            .store
             .commit(batch)
             .await
             .map_err(|e| EntityError::from_store(&self.shared.id, e))
@@ -1860,13 +1875,14 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 #[cfg(test)]
 mod footprint {
-    /// Every active entity holds a `Process` (in its task) and its mailbox holds boxed
+    /// Every active entity holds a `Process` (in its task, or parked while it hibernates;
+    /// 192 bytes is a jemalloc size class) and its mailbox holds boxed
     /// envelopes: growing either grows the memory of a million active entities.
     #[test]
     fn an_idle_entity_stays_small() {
         let process = std::mem::size_of::<super::Process>();
         let envelope = std::mem::size_of::<super::Envelope>();
-        assert!(process <= 256, "Process is {process} bytes");
+        assert!(process <= 192, "Process is {process} bytes");
         assert!(envelope <= 96, "Envelope is {envelope} bytes");
     }
 }

@@ -25,8 +25,8 @@ use crate::address::EntityId;
 use crate::behaviour::{down_message, Behaviour, BehaviourRegistry, Value};
 use crate::config::SupervisionConfig;
 use crate::entity::{
-    self, CrashVerdict, EntityConfig, EntityError, EntityHandle, EntityHost, Envelope, Exit,
-    Request, SpawnArgs,
+    self, CrashVerdict, EntityConfig, EntityContext, EntityError, EntityHandle, EntityHost,
+    Envelope, Exit, Request, SpawnArgs,
 };
 use crate::storage::Store;
 use crate::supervisor::{ExitReason, NodeKind, RestartWindow, RootSupervisor, Strategy, TreeNode};
@@ -55,6 +55,8 @@ pub(super) struct ShardContext {
     pub postman: OnceLock<Postman>,
     /// Ends the postman and the timer services at shutdown.
     pub cancel: CancellationToken,
+    /// What every entity process shares (the same store, config, registry and tracker).
+    pub entities: Arc<EntityContext>,
 }
 
 /// Watchers one entity may have, at most.
@@ -424,12 +426,10 @@ impl Shard {
             shard: self.index,
             generation: self.context.generations.fetch_add(1, Ordering::Relaxed),
             behaviour: behaviour.clone(),
-            registry: self.context.registry.clone(),
-            store: self.context.store.clone(),
             host,
-            config: self.context.config.clone(),
+            context: self.context.entities.clone(),
         };
-        entity::spawn(args, &self.context.tracker)
+        entity::spawn(args)
     }
 
     /// Kills every entity of the shard and refuses messages for a backoff; entities come back

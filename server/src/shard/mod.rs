@@ -29,8 +29,8 @@ use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
 use crate::config::SupervisionConfig;
 use crate::entity::records::{self, DeadLetterRecord};
 use crate::entity::{
-    codec, recovery, validate_request_id, CallReply, EntityConfig, EntityError, Envelope, Request,
-    StateView,
+    codec, recovery, validate_request_id, CallReply, EntityConfig, EntityContext, EntityError,
+    Envelope, Request, StateView,
 };
 use crate::storage::{EntityBatch, Op, RecordKind, Store};
 use crate::supervisor::{NodeKind, RootSupervisor, TreeNode};
@@ -79,14 +79,23 @@ impl Shards {
         supervision: SupervisionConfig,
         root: Arc<RootSupervisor>,
     ) -> Self {
+        let config = Arc::new(config);
+        let tracker = TaskTracker::new();
+        let entities = Arc::new(EntityContext {
+            registry: registry.clone(),
+            store: store.clone(),
+            config: config.clone(),
+            tracker: tracker.clone(),
+        });
         let context = Arc::new(ShardContext {
             store: store.clone(),
-            config: Arc::new(config),
+            config,
             supervision,
             root,
             registry,
             shards: OnceLock::new(),
-            tracker: TaskTracker::new(),
+            tracker,
+            entities,
             closing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
             postman: OnceLock::new(),
