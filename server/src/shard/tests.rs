@@ -498,6 +498,44 @@ async fn idle_entities_hibernate_and_resume_without_loading() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_entity_hibernates_and_its_watcher_sees_the_turns_after() {
+    let shards = shards_on(
+        Arc::new(MemoryStore::default()),
+        EntityConfig {
+            hibernate_after: Duration::from_millis(20),
+            ..config()
+        },
+    );
+    let id = counter("watched");
+    shards
+        .call(id.clone(), json!({"op": "incr"}), None, None)
+        .await
+        .unwrap();
+    let mut feed = shards.watch(id.clone(), None).await.unwrap();
+    let first = feed.recv().await.unwrap().unwrap();
+    assert_eq!((first.seq, first.state), (1, Some(json!({"value": 1}))));
+    eventually("hibernation", || {
+        tree_state(&shards, &id).as_deref() == Some("hibernating")
+    })
+    .await;
+    for value in 2..=3 {
+        shards
+            .call(id.clone(), json!({"op": "incr"}), None, None)
+            .await
+            .unwrap();
+        let turn = feed.recv().await.unwrap().unwrap();
+        assert_eq!(
+            (turn.seq, turn.state),
+            (value, Some(json!({"value": value})))
+        );
+        eventually("hibernating again", || {
+            tree_state(&shards, &id).as_deref() == Some("hibernating")
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_restart_drops_hibernating_entities_and_they_come_back_from_storage() {
     let store = Arc::new(MemoryStore::default());
     let mut supervision = supervision(0);
