@@ -6,10 +6,12 @@
 //! Why grouped: between two checkpoints a shard's layer holds every event committed since,
 //! hundreds of thousands of keys that share long prefixes. In one flat ordered map each insert
 //! walked ~20 long-key comparisons down a deep tree, and that was half of the journal
-//! writer's time under load. Here the outer map is keyed by the *group* of a key: the entity
-//! prefix of an event key (`keys::event_prefix_len`), or the whole key for any other. Each
-//! group is a vector sorted by key, so an entity's next event is a comparison with the group's
-//! last key and a push, and a snapshot's trim of everything before it is one drain.
+//! writer's time under load (and most of replay's). Here keys are grouped by their *group*:
+//! the entity prefix of an event key (`keys::event_prefix_len`), or the whole key for any
+//! other. Groups are found by hash; only a new group is inserted into the ordered set of group
+//! names that ranges walk. Each group is a vector sorted by key, so an entity's next event is a
+//! hash lookup, a comparison with the group's last key and a push, and a snapshot's trim of
+//! everything before it is one drain.
 //!
 //! Invariant (what makes the grouping order-preserving): entity prefixes are never a prefix
 //! of one another, and every key that starts with one belongs to its group. So comparing two
@@ -17,7 +19,7 @@
 //! and each group's keys in order yields all keys in byte order. A range starting at `start`
 //! begins at `start`'s own group (every smaller group only holds smaller keys).
 
-use std::collections::{btree_map, BTreeMap};
+use std::collections::{btree_set, BTreeSet, HashMap};
 use std::ops::Bound;
 
 use crate::storage::keys;
@@ -31,7 +33,10 @@ type Group = Vec<(Vec<u8>, Write)>;
 /// Point writes by key.
 #[derive(Debug, Default)]
 pub(crate) struct Points {
-    groups: BTreeMap<Vec<u8>, Group>,
+    /// Every group by name; never an empty one.
+    groups: HashMap<Vec<u8>, Group>,
+    /// The names of `groups`, in byte order.
+    order: BTreeSet<Vec<u8>>,
 }
 
 /// The group a key belongs to: its entity prefix if it is an event key, else itself.
@@ -69,7 +74,11 @@ impl Points {
     pub(crate) fn insert(&mut self, key: Vec<u8>, write: Write) -> Option<Write> {
         let group = match self.groups.get_mut(group_of(&key)) {
             Some(group) => group,
-            None => self.groups.entry(group_of(&key).to_vec()).or_default(),
+            None => {
+                let name = group_of(&key).to_vec();
+                self.order.insert(name.clone());
+                self.groups.entry(name).or_default()
+            }
         };
         // Events come in sequence order: almost always past the group's last key.
         if group.last().is_none_or(|(last, _)| *last < key) {
@@ -95,14 +104,17 @@ impl Points {
     ) {
         let end_bound = end.map_or(Bound::Unbounded, Bound::Excluded);
         let mut emptied = Vec::new();
-        let groups = self
-            .groups
-            .range_mut::<[u8], _>((Bound::Included(group_of(start)), Bound::Unbounded));
-        for (name, group) in groups {
+        let names = self
+            .order
+            .range::<[u8], _>((Bound::Included(group_of(start)), Bound::Unbounded));
+        for name in names {
             // Every key of a group is at least its name.
             if !below_end(end_bound, name) {
                 break;
             }
+            let Some(group) = self.groups.get_mut(name) else {
+                continue;
+            };
             let from = group.partition_point(|(k, _)| k.as_slice() < start);
             let to = group.partition_point(|(k, _)| below_end(end_bound, k));
             if from < to {
@@ -116,6 +128,7 @@ impl Points {
         }
         for name in emptied {
             self.groups.remove(&name);
+            self.order.remove(&name);
         }
     }
 
@@ -126,16 +139,15 @@ impl Points {
             Bound::Included(start) | Bound::Excluded(start) => Bound::Included(group_of(start)),
         };
         let mut range = PointRange {
-            groups: self
-                .groups
-                .range::<[u8], _>((first_group, Bound::Unbounded)),
+            names: self.order.range::<[u8], _>((first_group, Bound::Unbounded)),
+            groups: &self.groups,
             current: [].iter(),
             end: end.map(<[u8]>::to_vec),
             done: false,
         };
         // Only the first group can hold keys below `start`: a later one's name, and so each
         // of its keys, is past `start` (see the module's invariant).
-        if let Some((_, group)) = range.groups.next() {
+        if let Some(group) = range.next_group() {
             let from = match start {
                 Bound::Unbounded => 0,
                 Bound::Included(start) => group.partition_point(|(k, _)| k.as_slice() < start),
@@ -154,11 +166,20 @@ impl Points {
 
 /// The writes of a key range, in key order.
 pub(crate) struct PointRange<'a> {
-    groups: btree_map::Range<'a, Vec<u8>, Group>,
+    names: btree_set::Range<'a, Vec<u8>>,
+    groups: &'a HashMap<Vec<u8>, Group>,
     current: std::slice::Iter<'a, (Vec<u8>, Write)>,
     end: Bound<Vec<u8>>,
     /// Past `end`: nothing more.
     done: bool,
+}
+
+impl<'a> PointRange<'a> {
+    /// The writes of the next group in order.
+    fn next_group(&mut self) -> Option<&'a Group> {
+        let groups = self.groups;
+        self.names.find_map(|name| groups.get(name))
+    }
 }
 
 impl<'a> Iterator for PointRange<'a> {
@@ -172,8 +193,8 @@ impl<'a> Iterator for PointRange<'a> {
                 }
                 self.done = true;
             } else {
-                match self.groups.next() {
-                    Some((_, group)) => self.current = group.iter(),
+                match self.next_group() {
+                    Some(group) => self.current = group.iter(),
                     None => self.done = true,
                 }
             }
@@ -184,6 +205,8 @@ impl<'a> Iterator for PointRange<'a> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
