@@ -408,35 +408,34 @@ async fn run_slot(
 
 /// Sends one request with the deadline `timeout`, and waits at most that long.
 async fn send(client: &mut RawClient, op: Op, timeout: Duration) -> Result<(), tonic::Status> {
-    let answered = match op {
-        Op::Call(call) => {
-            let mut request = Request::new(call);
-            request.set_timeout(timeout);
-            tokio::time::timeout(timeout, client.entities.call(request))
-                .await
-                .map(|answer| answer.map(drop))
-        }
-        Op::Get(get) => {
-            let mut request = Request::new(get);
-            request.set_timeout(timeout);
-            tokio::time::timeout(timeout, client.entities.get(request))
-                .await
-                .map(|answer| answer.map(drop))
-        }
+    match op {
+        Op::Call(call) => within(timeout, client.entities.call(with_deadline(call, timeout))).await,
+        Op::Get(get) => within(timeout, client.entities.get(with_deadline(get, timeout))).await,
         Op::Ping(check) => {
-            let mut request = Request::new(check);
-            request.set_timeout(timeout);
-            tokio::time::timeout(timeout, client.health.check(request))
-                .await
-                .map(|answer| answer.map(drop))
+            within(timeout, client.health.check(with_deadline(check, timeout))).await
         }
-    };
-    answered.unwrap_or_else(|_| {
-        Err(tonic::Status::deadline_exceeded(format!(
+    }
+}
+
+/// `message` as a request carrying the deadline `timeout` (`grpc-timeout`).
+fn with_deadline<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// Waits at most `timeout` for `answer`, keeping only whether it succeeded.
+async fn within<T>(
+    timeout: Duration,
+    answer: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<(), tonic::Status> {
+    match tokio::time::timeout(timeout, answer).await {
+        Ok(answered) => answered.map(drop),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
             "no answer within the deadline of {} ms",
             timeout.as_millis()
-        )))
-    })
+        ))),
+    }
 }
 
 /// tonic's server answers an expired `grpc-timeout` with `CANCELLED`; past the deadline that
