@@ -485,5 +485,39 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("checkpoint_journal_bytes"));
+        // A spin longer than a few fsyncs only burns CPU.
+        let config = Config {
+            commit_spin_us: COMMIT_SPIN_US_MAX + 1,
+            ..Config::default()
+        };
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("commit_spin_us"));
+    }
+
+    #[test]
+    fn spinning_and_hibernation_reach_the_store_and_the_entities() {
+        let config: Config = toml::from_str(
+            "commit_spin_us = 0
+hibernate_after_ms = 2500",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.store_config().commit_spin, Duration::ZERO);
+        assert_eq!(
+            config.entity_config().hibernate_after,
+            Duration::from_millis(2500)
+        );
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.store_config().commit_spin,
+            Duration::from_micros(250)
+        );
+        assert_eq!(
+            defaults.entity_config().hibernate_after,
+            Duration::from_secs(10)
+        );
     }
 }
