@@ -19,16 +19,14 @@ use std::sync::{Arc, OnceLock, Weak};
 use parking_lot::Mutex;
 use std::time::Instant;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
-use crate::behaviour::{down_message, Behaviour, BehaviourRegistry, Value};
+use crate::behaviour::{down_message, Behaviour, Value};
 use crate::config::SupervisionConfig;
 use crate::entity::{
-    self, CrashVerdict, EntityConfig, EntityContext, EntityError, EntityHandle, EntityHost,
-    Envelope, Exit, Request, SpawnArgs,
+    self, CrashVerdict, EntityContext, EntityError, EntityHandle, EntityHost, Envelope, Exit,
+    Request, SpawnArgs,
 };
-use crate::storage::Store;
 use crate::supervisor::{ExitReason, NodeKind, RestartWindow, RootSupervisor, Strategy, TreeNode};
 use tokio_util::sync::CancellationToken;
 
@@ -37,25 +35,21 @@ use super::timers::TimerAlarm;
 
 /// What every shard of a server shares.
 pub(super) struct ShardContext {
-    pub store: Arc<dyn Store>,
-    pub config: Arc<EntityConfig>,
     pub supervision: SupervisionConfig,
     pub root: Arc<RootSupervisor>,
-    /// Every entity task, so shutdown can wait for them all.
-    pub tracker: TaskTracker,
     /// Set once shutdown begins: no new activations, no new messages.
     pub closing: AtomicBool,
     /// Source of activation generations.
     pub generations: AtomicU64,
-    /// The types, to route `DOWN` messages to watchers.
-    pub registry: Arc<BehaviourRegistry>,
     /// Every shard of the server, set once they exist: monitors cross shards.
     pub shards: OnceLock<Vec<Weak<Shard>>>,
     /// Delivers messages between entities; set once the shards exist.
     pub postman: OnceLock<Postman>,
     /// Ends the postman and the timer services at shutdown.
     pub cancel: CancellationToken,
-    /// What every entity process shares (the same store, config, registry and tracker).
+    /// What every entity process shares, and the shards use too: the store, the entity
+    /// settings, the types (also to route `DOWN`s to watchers) and the tracker of every
+    /// entity task (so shutdown can wait for them all).
     pub entities: Arc<EntityContext>,
 }
 
@@ -65,18 +59,17 @@ pub const WATCHERS_PER_ENTITY_MAX: usize = 1024;
 impl ShardContext {
     /// The shard index of an address.
     pub fn shard_index(&self, id: &EntityId) -> u32 {
-        super::hash::shard_of(id, self.store.shard_count())
+        super::hash::shard_of(id, self.entities.store.shard_count())
     }
 
     /// Routes a message to an entity of any shard, activating it if needed.
     pub fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
-        let behaviour =
-            self.registry
-                .get(&id.entity_type)
-                .ok_or_else(|| EntityError::UnknownType {
-                    name: id.entity_type.clone(),
-                    known: self.registry.type_names().join(", "),
-                })?;
+        let behaviour = self.entities.registry.get(&id.entity_type).ok_or_else(|| {
+            EntityError::UnknownType {
+                name: id.entity_type.clone(),
+                known: self.entities.registry.type_names().join(", "),
+            }
+        })?;
         let shard = self.shard_of(id).ok_or(EntityError::ShuttingDown)?;
         shard
             .route(id, &behaviour, envelope)
@@ -95,7 +88,7 @@ impl ShardContext {
     fn deliver_info(self: &Arc<Self>, target: EntityId, message: Value) {
         let context = self.clone();
         tokio::spawn(async move {
-            let Some(behaviour) = context.registry.get(&target.entity_type) else {
+            let Some(behaviour) = context.entities.registry.get(&target.entity_type) else {
                 tracing::debug!(entity = %target, "info message for an unknown type dropped");
                 return;
             };
@@ -247,7 +240,7 @@ impl Shard {
             match handle.try_send(envelope) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full(envelope)) => {
-                    let capacity = self.context.config.mailbox_capacity;
+                    let capacity = self.context.entities.config.mailbox_capacity;
                     let error = EntityError::MailboxFull {
                         entity: id.clone(),
                         capacity,
@@ -302,14 +295,14 @@ impl Shard {
         self.state.lock().directory.get(id).cloned()
     }
 
-    /// Active entities with an empty mailbox to ask to passivate (no message for at least
-    /// `passivate_after`: true) or to hibernate (none for `hibernate_after`, if not zero, and
-    /// not hibernating yet: false).
+    /// Active entities with an empty mailbox, each with what the idle sweep asks of it:
+    /// `Idle` (passivate) after no message for `passivate_after`, else `Hibernate` after none
+    /// for `hibernate_after` (if not zero) unless it hibernates already.
     pub fn idle_entities(
         &self,
         passivate_after: std::time::Duration,
         hibernate_after: std::time::Duration,
-    ) -> Vec<(EntityHandle, bool)> {
+    ) -> Vec<(EntityHandle, Request)> {
         self.state
             .lock()
             .directory
@@ -318,12 +311,12 @@ impl Shard {
             .filter_map(|handle| {
                 let idle_for = handle.idle_for();
                 if idle_for >= passivate_after {
-                    Some((handle.clone(), true))
+                    Some((handle.clone(), Request::Idle))
                 } else if !hibernate_after.is_zero()
                     && idle_for >= hibernate_after
                     && !handle.is_hibernating()
                 {
-                    Some((handle.clone(), false))
+                    Some((handle.clone(), Request::Hibernate))
                 } else {
                     None
                 }

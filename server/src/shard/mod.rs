@@ -79,29 +79,24 @@ impl Shards {
         supervision: SupervisionConfig,
         root: Arc<RootSupervisor>,
     ) -> Self {
-        let config = Arc::new(config);
-        let tracker = TaskTracker::new();
+        let shard_count = store.shard_count();
         let entities = Arc::new(EntityContext {
-            registry: registry.clone(),
-            store: store.clone(),
-            config: config.clone(),
-            tracker: tracker.clone(),
+            registry,
+            store,
+            config: Arc::new(config),
+            tracker: TaskTracker::new(),
         });
         let context = Arc::new(ShardContext {
-            store: store.clone(),
-            config,
             supervision,
             root,
-            registry,
             shards: OnceLock::new(),
-            tracker,
             entities,
             closing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
             postman: OnceLock::new(),
             cancel: CancellationToken::new(),
         });
-        let shards: Vec<Arc<Shard>> = (0..store.shard_count())
+        let shards: Vec<Arc<Shard>> = (0..shard_count)
             .map(|index| Shard::new(index, context.clone()))
             .collect();
         // Set once, right after the shards exist; nothing routes before `new` returns.
@@ -113,8 +108,8 @@ impl Shards {
             .set(Postman::start(&context, context.cancel.clone()));
         tokio::spawn(idle_sweep(
             shards.iter().map(Arc::downgrade).collect(),
-            context.config.idle_timeout,
-            context.config.hibernate_after,
+            context.entities.config.idle_timeout,
+            context.entities.config.hibernate_after,
             context.cancel.clone(),
         ));
         for shard in &shards {
@@ -225,7 +220,7 @@ impl Shards {
             entity_type: "dead-letters".into(),
             key: "*".into(),
         };
-        let store = &self.context.store;
+        let store = &self.context.entities.store;
         let mut found = Vec::new();
         if let DeadLetterFilter::Entity(id) = &filter {
             self.locate(id)?;
@@ -291,7 +286,7 @@ impl Shards {
     pub async fn discard(&self, id: EntityId, dead_letter: String) -> Result<bool, EntityError> {
         self.locate(&id)?;
         let shard = self.shard_index(&id);
-        let store = &self.context.store;
+        let store = &self.context.entities.store;
         let name = dead_letter.into_bytes();
         let existed = store
             .record(shard, &id, RecordKind::DeadLetter, &name)
@@ -333,6 +328,7 @@ impl Shards {
         }
         let loaded = self
             .context
+            .entities
             .store
             .load(self.shard_index(&id), &id)
             .await
@@ -340,7 +336,12 @@ impl Shards {
         if !loaded.exists() {
             return Err(EntityError::NotFound(id));
         }
-        let versions = |version: u32| self.context.registry.version(&id.entity_type, version);
+        let versions = |version: u32| {
+            self.context
+                .entities
+                .registry
+                .version(&id.entity_type, version)
+        };
         let recovered = recovery::recover(&behaviour, &versions, &id, loaded)?;
         let state = recovered
             .behaviour
@@ -443,6 +444,7 @@ impl Shards {
     ) -> Result<Vec<WatchMessage>, EntityError> {
         let loaded = self
             .context
+            .entities
             .store
             .load(self.shard_index(id), id)
             .await
@@ -528,6 +530,7 @@ impl Shards {
         };
         let mut keys = self
             .context
+            .entities
             .store
             .list(entity_type, key_prefix, page_token, page_size + 1)
             .await
@@ -605,8 +608,8 @@ impl Shards {
                 let _ = handle.send(envelope).await;
             }
         }
-        self.context.tracker.close();
-        self.context.tracker.wait().await;
+        self.context.entities.tracker.close();
+        self.context.entities.tracker.wait().await;
     }
 
     fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
@@ -629,11 +632,12 @@ impl Shards {
 
     fn behaviour(&self, entity_type: &str) -> Result<Arc<dyn Behaviour>, EntityError> {
         self.context
+            .entities
             .registry
             .get(entity_type)
             .ok_or_else(|| EntityError::UnknownType {
                 name: entity_type.to_owned(),
-                known: self.context.registry.type_names().join(", "),
+                known: self.context.entities.registry.type_names().join(", "),
             })
     }
 }
@@ -665,13 +669,9 @@ async fn idle_sweep(
         }
         for shard in &shards {
             let Some(shard) = shard.upgrade() else { return };
-            for (handle, passivate) in shard.idle_entities(idle_timeout, hibernate_after) {
+            for (handle, request) in shard.idle_entities(idle_timeout, hibernate_after) {
                 let envelope = Envelope {
-                    request: if passivate {
-                        Request::Idle
-                    } else {
-                        Request::Hibernate
-                    },
+                    request,
                     deadline: None,
                 };
                 // A full or closed mailbox means it is not idle (or gone): nothing to do.

@@ -276,7 +276,7 @@ async fn deliver(
     };
     // Not waited for: if it is lost, the message is delivered again after a restart and the
     // target only acknowledges it.
-    if let Err(error) = context.store.submit(batch).await {
+    if let Err(error) = context.entities.store.submit(batch).await {
         tracing::warn!(sender = %from, %error, "removing a delivered message from the outbox failed");
     }
     Ok(())
@@ -285,12 +285,13 @@ async fn deliver(
 /// Reads every shard's outbox and posts what it holds; wakes every entity whose durable
 /// inbox holds messages, so they are handled without waiting for a new message.
 async fn sweep_outboxes(context: Arc<ShardContext>, mail: mpsc::UnboundedSender<Mail>) {
-    let shard_count = context.store.shard_count();
+    let shard_count = context.entities.store.shard_count();
     let mut posted = 0usize;
     for shard in 0..shard_count {
         let mut after = None;
         loop {
             let page = match context
+                .entities
                 .store
                 .scan_records(shard, RecordKind::Outbox, after.clone(), SWEEP_PAGE)
                 .await
@@ -335,6 +336,7 @@ async fn wake_inboxes(context: &Arc<ShardContext>, shard: u32) {
     let mut after: Option<(EntityId, Vec<u8>)> = None;
     loop {
         let page = match context
+            .entities
             .store
             .scan_records(shard, RecordKind::Inbox, after.clone(), SWEEP_PAGE)
             .await

@@ -89,6 +89,7 @@ pub(super) async fn run(
         delivered.retain(|_, at| now.duration_since(*at) < REDELIVERY_AFTER);
         loop {
             let page = match context
+                .entities
                 .store
                 .due_timers(shard, after.clone(), now_ms, PAGE)
                 .await

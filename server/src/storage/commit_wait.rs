@@ -37,7 +37,8 @@ pub(crate) struct CommitWait {
 
 impl CommitWait {
     /// Waits for `answer`, busy-polling for up to `spin` while the load is light and the
-    /// batch (which holds one of `permits`) is the only commit in flight.
+    /// batch (which holds one of `permits`) is the only commit in flight. Under load (the
+    /// usual case on the hot path) it decides at once and never reads the clock.
     pub(crate) fn new(
         answer: oneshot::Receiver<Result<(), StoreError>>,
         light_load: Arc<AtomicBool>,
@@ -45,12 +46,14 @@ impl CommitWait {
         pending_max: usize,
         spin: Duration,
     ) -> CommitWait {
+        let spin_until =
+            (!spin.is_zero() && light_load.load(Ordering::Relaxed)).then(|| Instant::now() + spin);
         CommitWait {
             answer,
             light_load,
             permits,
             pending_max,
-            spin_until: (!spin.is_zero()).then(|| Instant::now() + spin),
+            spin_until,
         }
     }
 

@@ -93,16 +93,15 @@ pub fn event_prefix(entity: &EntityId) -> Vec<u8> {
 /// keys that start with one form one contiguous range, between the keys before the prefix
 /// and those after it: the overlay groups an entity's events by it.
 pub fn event_prefix_len(key: &[u8]) -> Option<usize> {
-    if key.first() != Some(&KIND_EVENT) {
+    let mut reader = Reader::new(key);
+    if reader.u8()? != KIND_EVENT {
         return None;
     }
-    let len_at = |at: usize| -> Option<usize> {
-        let bytes: [u8; 2] = key.get(at..at + 2)?.try_into().ok()?;
-        Some(usize::from(u16::from_be_bytes(bytes)))
-    };
-    let type_end = 3 + len_at(1)?;
-    let key_end = type_end + 2 + len_at(type_end)?;
-    (key.len() >= key_end).then_some(key_end)
+    for _part in ["type", "key"] {
+        let len = reader.u16()?;
+        reader.take(usize::from(len))?;
+    }
+    Some(key.len() - reader.remaining())
 }
 
 /// The key of the entity's event `seq`.

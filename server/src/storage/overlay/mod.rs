@@ -56,8 +56,13 @@ struct ClearedRanges {
     ranges: BTreeMap<Vec<u8>, RangeEnd>,
 }
 
-fn below_end(end: &RangeEnd, key: &[u8]) -> bool {
-    end.as_deref().is_none_or(|end| key < end)
+/// Whether `key` is below the upper bound `end`.
+fn below_end(end: Bound<&[u8]>, key: &[u8]) -> bool {
+    match end {
+        Bound::Included(end) => key <= end,
+        Bound::Excluded(end) => key < end,
+        Bound::Unbounded => true,
+    }
 }
 
 fn end_bound(end: &RangeEnd) -> Bound<&[u8]> {
@@ -72,7 +77,7 @@ impl ClearedRanges {
         self.ranges
             .range::<[u8], _>((Bound::Unbounded, Bound::Included(key)))
             .next_back()
-            .is_some_and(|(_, end)| below_end(end, key))
+            .is_some_and(|(_, end)| below_end(end_bound(end), key))
     }
 
     /// Adds `[start, end)`, merging it with every range it overlaps or touches.
@@ -166,7 +171,7 @@ impl Layer {
     fn clear(&mut self, start: Vec<u8>, end: RangeEnd) {
         let mut freed = 0;
         self.points
-            .remove_range(&start, end.as_deref(), |key, value| {
+            .remove_range(&start, end_bound(&end), |key, value| {
                 freed += key.len() + value.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD_BYTES;
             });
         self.bytes -= freed;

@@ -22,6 +22,7 @@
 use std::collections::{btree_set, BTreeSet, HashMap};
 use std::ops::Bound;
 
+use super::below_end;
 use crate::storage::keys;
 
 /// A key's write: `Some(value)` puts, `None` removes.
@@ -50,14 +51,6 @@ fn group_of(key: &[u8]) -> &[u8] {
 /// Where `key` is, or would go, in a sorted group.
 fn position(group: &Group, key: &[u8]) -> Result<usize, usize> {
     group.binary_search_by(|(k, _)| k.as_slice().cmp(key))
-}
-
-fn below_end(end: Bound<&[u8]>, key: &[u8]) -> bool {
-    match end {
-        Bound::Included(end) => key <= end,
-        Bound::Excluded(end) => key < end,
-        Bound::Unbounded => true,
-    }
 }
 
 impl Points {
@@ -94,15 +87,13 @@ impl Points {
         }
     }
 
-    /// Removes every write with a key in `[start, end)` (`end` `None`: no upper bound),
-    /// handing each to `removed`.
+    /// Removes every write with a key from `start` to `end`, handing each to `removed`.
     pub(crate) fn remove_range(
         &mut self,
         start: &[u8],
-        end: Option<&[u8]>,
+        end_bound: Bound<&[u8]>,
         mut removed: impl FnMut(&[u8], &Write),
     ) {
-        let end_bound = end.map_or(Bound::Unbounded, Bound::Excluded);
         let mut emptied = Vec::new();
         let names = self
             .order
@@ -269,9 +260,11 @@ mod tests {
                     let (start, end) = (a.clone().min(b.clone()), a.max(b));
                     let end = rng.gen_bool(0.9).then_some(end);
                     let mut removed = Vec::new();
-                    points.remove_range(&start, end.as_deref(), |k, w| {
-                        removed.push((k.to_vec(), w.clone()))
-                    });
+                    points.remove_range(
+                        &start,
+                        end.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+                        |k, w| removed.push((k.to_vec(), w.clone())),
+                    );
                     let range = (
                         Bound::Included(start),
                         end.map_or(Bound::Unbounded, Bound::Excluded),
