@@ -1,7 +1,8 @@
 //! What the admin API returns: deployed behaviours; dead letters (durable messages the
 //! server gave up on) and their table for people (`statehouse dead-letters`); and the
-//! supervision tree and its rendering as an indented tree for people (`statehouse tree`).
-//! `--json` prints the same data as JSON.
+//! supervision tree and its rendering as an indented tree for people (`statehouse tree`);
+//! the server's stats and their table for people (`statehouse stats`). `--json` prints the
+//! same data as JSON.
 
 use std::fmt::Write as _;
 
@@ -251,6 +252,124 @@ impl TreeNode {
     }
 }
 
+/// The server's figures at one moment, as `statehouse stats` prints them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerStats {
+    pub uptime_ms: u64,
+    pub shards: u32,
+    /// Entities in the shards' directories: running on a task or hibernating.
+    pub entities_active: u64,
+    /// Of those, the ones hibernating (no task until their next message).
+    pub entities_hibernating: u64,
+    /// The server process's resident set; `None` where the server's system does not say.
+    pub resident_bytes: Option<u64>,
+    /// What the server's allocator has handed out and not got back; `None` without a probe.
+    pub allocated_bytes: Option<u64>,
+    /// The pages the server's allocator holds from the system.
+    pub allocator_resident_bytes: Option<u64>,
+    /// Batches committed since the server started.
+    pub commits: u64,
+    /// Group-commit rounds (one journal write each) and journal `fdatasync`s.
+    pub journal_rounds: u64,
+    pub journal_fsyncs: u64,
+    pub journal_bytes_written: u64,
+    pub checkpoints: u64,
+    /// Memory held by committed writes not yet checkpointed into the state store.
+    pub overlay_bytes: u64,
+    /// Disk taken: the state store's directory and the journal's segments.
+    pub state_disk_bytes: u64,
+    pub journal_disk_bytes: u64,
+    pub journal_segments: u64,
+}
+
+impl From<statehouse_proto::v1::ServerStatsResponse> for ServerStats {
+    fn from(wire: statehouse_proto::v1::ServerStatsResponse) -> Self {
+        ServerStats {
+            uptime_ms: wire.uptime_ms,
+            shards: wire.shards,
+            entities_active: wire.entities_active,
+            entities_hibernating: wire.entities_hibernating,
+            resident_bytes: wire.resident_bytes,
+            allocated_bytes: wire.allocated_bytes,
+            allocator_resident_bytes: wire.allocator_resident_bytes,
+            commits: wire.commits,
+            journal_rounds: wire.journal_rounds,
+            journal_fsyncs: wire.journal_fsyncs,
+            journal_bytes_written: wire.journal_bytes_written,
+            checkpoints: wire.checkpoints,
+            overlay_bytes: wire.overlay_bytes,
+            state_disk_bytes: wire.state_disk_bytes,
+            journal_disk_bytes: wire.journal_disk_bytes,
+            journal_segments: wire.journal_segments,
+        }
+    }
+}
+
+impl ServerStats {
+    /// Resident bytes per active entity: the whole process's memory (sled's cache, the
+    /// runtime, buffers) divided by the active entities, so an upper bound on what one costs.
+    pub fn resident_bytes_per_active_entity(&self) -> Option<u64> {
+        let resident = self.resident_bytes?;
+        resident.checked_div(self.entities_active)
+    }
+
+    /// The stats as aligned `name  value` lines for people.
+    pub fn render(&self) -> String {
+        let unknown = || "unknown".to_owned();
+        let bytes = |b: Option<u64>| b.map_or_else(unknown, human_bytes);
+        let mut rows: Vec<(&str, String)> = vec![
+            ("uptime", format!("{:.1} s", self.uptime_ms as f64 / 1000.0)),
+            ("shards", self.shards.to_string()),
+            ("entities active", self.entities_active.to_string()),
+            ("  hibernating", self.entities_hibernating.to_string()),
+            ("memory resident", bytes(self.resident_bytes)),
+        ];
+        if let Some(per_entity) = self.resident_bytes_per_active_entity() {
+            rows.push(("  per active entity", human_bytes(per_entity)));
+        }
+        rows.extend([
+            ("  allocated", bytes(self.allocated_bytes)),
+            ("  allocator resident", bytes(self.allocator_resident_bytes)),
+            ("  not yet checkpointed", human_bytes(self.overlay_bytes)),
+            ("commits", self.commits.to_string()),
+            ("journal rounds", self.journal_rounds.to_string()),
+            ("journal fsyncs", self.journal_fsyncs.to_string()),
+            ("journal written", human_bytes(self.journal_bytes_written)),
+            ("checkpoints", self.checkpoints.to_string()),
+            ("disk state", human_bytes(self.state_disk_bytes)),
+            (
+                "disk journal",
+                format!(
+                    "{} in {} segments",
+                    human_bytes(self.journal_disk_bytes),
+                    self.journal_segments
+                ),
+            ),
+        ]);
+        let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for (name, value) in rows {
+            let _ = writeln!(out, "{name:<width$}  {value}");
+        }
+        out
+    }
+}
+
+/// `bytes` in B, KiB, MiB or GiB with one decimal (exact bytes below 1 KiB).
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +472,67 @@ mod tests {
             root.find("counter/a").map(|n| n.state.as_str()),
             Some("quarantined")
         );
+    }
+
+    fn stats() -> ServerStats {
+        ServerStats {
+            uptime_ms: 61_500,
+            shards: 16,
+            entities_active: 1000,
+            entities_hibernating: 900,
+            resident_bytes: Some(3 * 1024 * 1024),
+            allocated_bytes: Some(1536),
+            allocator_resident_bytes: None,
+            commits: 5,
+            journal_rounds: 4,
+            journal_fsyncs: 3,
+            journal_bytes_written: 512,
+            checkpoints: 2,
+            overlay_bytes: 0,
+            state_disk_bytes: 5 * 1024 * 1024 * 1024,
+            journal_disk_bytes: 64 * 1024 * 1024,
+            journal_segments: 1,
+        }
+    }
+
+    #[test]
+    fn bytes_print_in_the_largest_unit_below_them() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024 * 1024), "5120.0 GiB");
+    }
+
+    #[test]
+    fn stats_render_aligned_with_the_cost_per_active_entity() {
+        let rendered = stats().render();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines[0], "uptime                  61.5 s");
+        assert!(
+            lines.contains(&"entities active         1000"),
+            "{rendered}"
+        );
+        assert!(lines.contains(&"  hibernating           900"), "{rendered}");
+        // 3 MiB over 1000 entities.
+        assert!(
+            lines.contains(&"  per active entity     3.1 KiB"),
+            "{rendered}"
+        );
+        assert!(
+            lines.contains(&"  allocator resident    unknown"),
+            "{rendered}"
+        );
+        assert!(
+            lines.contains(&"disk journal            64.0 MiB in 1 segments"),
+            "{rendered}"
+        );
+
+        let idle = ServerStats {
+            entities_active: 0,
+            ..stats()
+        };
+        assert_eq!(idle.resident_bytes_per_active_entity(), None);
+        assert!(!idle.render().contains("per active entity"));
     }
 }

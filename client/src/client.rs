@@ -28,7 +28,7 @@ use statehouse_proto::value::{json_to_proto, proto_to_json};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 
-use crate::admin::{BehaviourInfo, DeadLetter, DeadLetterPage, TreeNode};
+use crate::admin::{BehaviourInfo, DeadLetter, DeadLetterPage, ServerStats, TreeNode};
 use crate::error::{error_chain, ClientError};
 use crate::pipeline::{PipelineReceiver, PipelineSender, PIPELINE_SEND_BUFFER};
 use crate::request_id;
@@ -540,6 +540,14 @@ impl Client {
             PipelineSender::new(requests),
             PipelineReceiver::new(responses),
         ))
+    }
+
+    /// The server's figures now: entities, memory, journal, disk.
+    pub async fn server_stats(&self) -> Result<ServerStats, ClientError> {
+        let request = statehouse_proto::v1::ServerStatsRequest {};
+        let mut admin = self.admin.clone();
+        let response = self.send(admin.server_stats(self.request(request))).await?;
+        Ok(ServerStats::from(response))
     }
 
     /// The server's supervision tree, with at most `entities_per_shard` entities under each

@@ -51,7 +51,7 @@ pub mod request_id;
 pub mod retry;
 pub mod watch;
 
-pub use admin::{DeadLetter, DeadLetterPage};
+pub use admin::{DeadLetter, DeadLetterPage, ServerStats};
 pub use client::{
     CallOptions, CallOutcome, CastOptions, CastOutcome, Client, EntityState, ListPage,
 };

@@ -1,7 +1,7 @@
 //! `statehouse`: the command-line client of a statehouse server.
 //!
-//! Every subcommand prints JSON on stdout (`tree` and `dead-letters` print for people unless
-//! given `--json`). On failure it prints `error: CODE: message` on stderr (CODE is the gRPC
+//! Every subcommand prints JSON on stdout (`tree`, `stats` and `dead-letters` print for
+//! people unless given `--json`). On failure it prints `error: CODE: message` on stderr (CODE is the gRPC
 //! code name, e.g. `INVALID_ARGUMENT`) and exits with status 2 when the local input was wrong
 //! (a JSON argument that does not parse, a bad URL or request id) and 1 when the server or
 //! the connection failed.
@@ -126,6 +126,13 @@ enum Command {
         /// At most this many entities under each shard (0: the server's default, 100).
         #[arg(long, default_value_t = 0)]
         entities: u32,
+    },
+    /// Print the server's figures: active and hibernating entities, memory (resident, per
+    /// active entity, allocated), commits, journal and disk.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Deploy a Lua script as the next version of a behaviour; prints `{"name":…,"version":N}`.
     Deploy {
@@ -372,6 +379,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return stdout.flush().map_err(Failure::Output);
             }
             serde_json::to_value(&tree).map_err(|e| Failure::Output(std::io::Error::other(e)))?
+        }
+        Command::Stats { json } => {
+            let client = server.connect().await?;
+            let stats = client.server_stats().await?;
+            if !json {
+                let mut stdout = std::io::stdout().lock();
+                write!(stdout, "{}", stats.render()).map_err(Failure::Output)?;
+                return stdout.flush().map_err(Failure::Output);
+            }
+            serde_json::to_value(&stats).map_err(|e| Failure::Output(std::io::Error::other(e)))?
         }
         Command::Deploy { name, file } => {
             let source = std::fs::read_to_string(&file).map_err(|e| {

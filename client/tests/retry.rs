@@ -172,6 +172,13 @@ fn wire_letter(id: &str) -> DeadLetter {
 
 #[tonic::async_trait]
 impl AdminService for FakeAdmin {
+    async fn server_stats(
+        &self,
+        _: Request<ServerStatsRequest>,
+    ) -> Result<Response<ServerStatsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn supervision_tree(
         &self,
         _: Request<SupervisionTreeRequest>,

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use crate::behaviour::BehaviourRegistry;
 use crate::config::{Config, ConfigError};
 use crate::server::{run_until_signalled, Server};
+use crate::stats::AllocatorProbe;
 use crate::storage::Durability;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
@@ -131,6 +132,22 @@ impl Flags {
 /// Exit status: 0 after a graceful shutdown, 2 for invalid settings, 1 otherwise (including
 /// when the root supervisor gave up).
 pub fn main(registry: BehaviourRegistry) -> ExitCode {
+    run_main(Server::with_registry, registry)
+}
+
+/// [`main`], with the global allocator's figures in the server's stats (`statehouse stats`)
+/// read through `probe`.
+pub fn main_with_allocator_probe(registry: BehaviourRegistry, probe: AllocatorProbe) -> ExitCode {
+    run_main(
+        |config, registry| Server::with_registry(config, registry).with_allocator_probe(probe),
+        registry,
+    )
+}
+
+fn run_main(
+    build: impl FnOnce(Config, BehaviourRegistry) -> Server,
+    registry: BehaviourRegistry,
+) -> ExitCode {
     let flags = Flags::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -156,7 +173,7 @@ pub fn main(registry: BehaviourRegistry) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_until_signalled(Server::with_registry(config, registry))) {
+    match runtime.block_on(run_until_signalled(build(config, registry))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error}");

@@ -14,6 +14,7 @@
 //! - [`supervisor`]: OTP supervision as pure logic: strategies, restart policies, intensity,
 //!   backoff, the static supervisor's state machine and the tree the admin API shows; and
 //!   the root supervisor, which counts its children's restarts and gives up past its intensity.
+//! - [`stats`]: what the server reports about itself: entities, memory, disk.
 //! - [`address`]: the `(type, key)` address every layer shares.
 //! - [`cli`]: the command line (flags, logging, runtime), reusable by embedders.
 //! - [`config`], [`server`] (wiring and ordered shutdown), [`shutdown`] (the signal).
@@ -31,5 +32,6 @@ pub mod grpc;
 pub mod server;
 pub mod shard;
 pub mod shutdown;
+pub mod stats;
 pub mod storage;
 pub mod supervisor;

@@ -17,6 +17,7 @@ use crate::deployment::{DeployError, Deployments};
 use crate::grpc::{AdminApi, EntityApi};
 use crate::shard::Shards;
 use crate::shutdown::Shutdown;
+use crate::stats::{AllocatorProbe, StatsSource};
 use crate::storage::{SledStore, Store, StoreError};
 use crate::supervisor::RootSupervisor;
 
@@ -54,6 +55,7 @@ pub struct Server {
     config: Config,
     registry: BehaviourRegistry,
     compiler: Option<Arc<dyn BehaviourCompiler>>,
+    allocator: Option<AllocatorProbe>,
 }
 
 impl Server {
@@ -68,7 +70,14 @@ impl Server {
             config,
             registry,
             compiler: default_compiler(),
+            allocator: None,
         }
+    }
+
+    /// Reports the global allocator's figures in the server's stats through `probe`.
+    pub fn with_allocator_probe(mut self, probe: AllocatorProbe) -> Self {
+        self.allocator = Some(probe);
+        self
     }
 
     /// Replaces the script engine used for deployed behaviours (`None`: deploys are refused).
@@ -107,8 +116,12 @@ impl Server {
             config.supervision.clone(),
             root.clone(),
         ));
-        let served =
-            serve_with_drain_limit(&config, shards.clone(), deployments, shutdown.clone()).await;
+        let admin = AdminApi::new(
+            shards.clone(),
+            deployments,
+            StatsSource::new(self.allocator),
+        );
+        let served = serve_with_drain_limit(&config, shards.clone(), admin, shutdown.clone()).await;
 
         // Whatever ended serving, entities and the store still close in order.
         shutdown.trigger();
@@ -131,7 +144,7 @@ impl Server {
 async fn serve_with_drain_limit(
     config: &Config,
     shards: Arc<Shards>,
-    deployments: Arc<Deployments>,
+    admin: AdminApi,
     shutdown: Shutdown,
 ) -> Result<(), ServerError> {
     let limit = Duration::from_millis(config.shutdown_timeout_ms);
@@ -143,7 +156,7 @@ async fn serve_with_drain_limit(
         }
     };
     tokio::select! {
-        served = serve(config, shards, deployments, shutdown) => served,
+        served = serve(config, shards, admin, shutdown) => served,
         () = drain_expired => {
             tracing::warn!(?limit, "in-flight requests did not finish in time; closing their connections");
             Ok(())
@@ -155,7 +168,7 @@ async fn serve_with_drain_limit(
 async fn serve(
     config: &Config,
     shards: Arc<Shards>,
-    deployments: Arc<Deployments>,
+    admin: AdminApi,
     shutdown: Shutdown,
 ) -> Result<(), ServerError> {
     let listener = TcpListener::bind(config.listen)
@@ -183,7 +196,7 @@ async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .map_err(ServerError::Reflection)?;
-    let admin = AdminServiceServer::new(AdminApi::new(shards.clone(), deployments));
+    let admin = AdminServiceServer::new(admin);
     let entities = EntityServiceServer::new(EntityApi::new(shards))
         .max_decoding_message_size(config.message_bytes_max)
         .max_encoding_message_size(config.message_bytes_max);

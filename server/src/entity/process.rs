@@ -54,6 +54,24 @@ pub struct EntityContext {
     /// Tracks every entity task (and every task a hibernating entity resumes on), so
     /// shutdown can wait for them all.
     pub tracker: TaskTracker,
+    /// Activations hibernating right now (parked, without a task).
+    pub hibernating: AtomicU64,
+}
+
+impl EntityContext {
+    pub fn new(
+        registry: Arc<BehaviourRegistry>,
+        store: Arc<dyn Store>,
+        config: EntityConfig,
+    ) -> Self {
+        EntityContext {
+            registry,
+            store,
+            config: Arc::new(config),
+            tracker: TaskTracker::new(),
+            hibernating: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Everything a new activation needs.
@@ -106,6 +124,22 @@ struct Activation {
     parked: Option<Box<Process>>,
 }
 
+impl Activation {
+    /// Parks `process`, counting it as hibernating.
+    fn park(&mut self, process: Box<Process>) {
+        process.context.hibernating.fetch_add(1, Ordering::Relaxed);
+        self.task = None;
+        self.parked = Some(process);
+    }
+
+    /// Takes the parked process, if any, which no longer counts as hibernating.
+    fn unpark(&mut self) -> Option<Box<Process>> {
+        let process = self.parked.take()?;
+        process.context.hibernating.fetch_sub(1, Ordering::Relaxed);
+        Some(process)
+    }
+}
+
 /// The waker a hibernating entity leaves in its mailbox: a message (or the mailbox closing)
 /// wakes it, and waking it spawns a task that resumes the parked process. Holds the shared
 /// state weakly: the parked process holds it strongly, and the mailbox holds this.
@@ -125,7 +159,7 @@ impl std::task::Wake for Resume {
             return;
         };
         let mut activation = shared.activation.lock();
-        if let Some(process) = activation.parked.take() {
+        if let Some(process) = activation.unpark() {
             // Spawned from whichever thread sent; the runtime handle makes that possible. A
             // runtime that is shutting down drops the process instead, as it drops tasks.
             let task = self
@@ -233,7 +267,7 @@ impl EntityHandle {
             if let Some(task) = &activation.task {
                 task.abort();
             }
-            activation.parked.take()
+            activation.unpark()
         };
         drop(parked);
     }
@@ -586,8 +620,7 @@ impl Process {
         if !self.inbox.park(&resume) {
             return Err(self);
         }
-        activation.task = None;
-        activation.parked = Some(self);
+        activation.park(self);
         Ok(())
     }
 

@@ -1,5 +1,5 @@
-//! `statehouse.v1.AdminService`: the supervision tree, entity reset, deployed behaviours, and
-//! dead letters.
+//! `statehouse.v1.AdminService`: the supervision tree, entity reset, deployed behaviours,
+//! dead letters, and the server's stats.
 
 use std::sync::Arc;
 
@@ -9,8 +9,8 @@ use statehouse_proto::v1::{
     DeployBehaviourResponse, DiscardDeadLetterRequest, DiscardDeadLetterResponse,
     ListBehavioursRequest, ListBehavioursResponse, ListDeadLettersRequest, ListDeadLettersResponse,
     RedriveDeadLetterRequest, RedriveDeadLetterResponse, ResetEntityRequest, ResetEntityResponse,
-    RollbackBehaviourRequest, RollbackBehaviourResponse, SupervisionTreeRequest,
-    SupervisionTreeResponse, TreeNode as WireNode,
+    RollbackBehaviourRequest, RollbackBehaviourResponse, ServerStatsRequest, ServerStatsResponse,
+    SupervisionTreeRequest, SupervisionTreeResponse, TreeNode as WireNode,
 };
 use statehouse_proto::value::json_to_proto;
 use tonic::{Request, Response, Status};
@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use crate::address::EntityId;
 use crate::deployment::Deployments;
 use crate::shard::{DeadLetterFilter, Shards};
+use crate::stats::{ServerStats, StatsSource};
 use crate::supervisor::{NodeKind, Strategy, TreeNode};
 
 /// Entities per shard in a tree unless the request says otherwise, and the most it may ask.
@@ -32,14 +33,37 @@ const DEAD_LETTERS_PAGE_MAX: usize = 1000;
 pub struct AdminApi {
     shards: Arc<Shards>,
     deployments: Arc<Deployments>,
+    stats: StatsSource,
 }
 
 impl AdminApi {
-    pub fn new(shards: Arc<Shards>, deployments: Arc<Deployments>) -> Self {
+    pub fn new(shards: Arc<Shards>, deployments: Arc<Deployments>, stats: StatsSource) -> Self {
         AdminApi {
             shards,
             deployments,
+            stats,
         }
+    }
+}
+
+fn stats_to_wire(stats: ServerStats) -> ServerStatsResponse {
+    ServerStatsResponse {
+        uptime_ms: u64::try_from(stats.uptime.as_millis()).unwrap_or(u64::MAX),
+        shards: stats.shards,
+        entities_active: stats.entities_active,
+        entities_hibernating: stats.entities_hibernating,
+        resident_bytes: stats.resident_bytes,
+        allocated_bytes: stats.allocator.map(|allocator| allocator.allocated_bytes),
+        allocator_resident_bytes: stats.allocator.map(|allocator| allocator.resident_bytes),
+        commits: stats.store.commits,
+        journal_rounds: stats.store.journal_rounds,
+        journal_fsyncs: stats.store.journal_fsyncs,
+        journal_bytes_written: stats.store.journal_bytes,
+        checkpoints: stats.store.checkpoints,
+        overlay_bytes: stats.store.overlay_bytes,
+        state_disk_bytes: stats.disk.state_bytes,
+        journal_disk_bytes: stats.disk.journal_bytes,
+        journal_segments: stats.disk.journal_segments,
     }
 }
 
@@ -250,5 +274,13 @@ impl AdminService for AdminApi {
         };
         let existed = self.shards.discard(id, request.id).await?;
         Ok(Response::new(DiscardDeadLetterResponse { existed }))
+    }
+
+    async fn server_stats(
+        &self,
+        _request: Request<ServerStatsRequest>,
+    ) -> Result<Response<ServerStatsResponse>, Status> {
+        let stats = self.stats.collect(&self.shards).await?;
+        Ok(Response::new(stats_to_wire(stats)))
     }
 }

@@ -47,12 +47,24 @@ impl From<DeployError> for Status {
             DeployError::Registry(RegistryError::Duplicate(_)) => Code::AlreadyExists,
             DeployError::NoPreviousVersion(_) => Code::FailedPrecondition,
             DeployError::Catalog { .. } => Code::DataLoss,
-            DeployError::Storage(StoreError::Closed | StoreError::JournalFailed(_)) => {
-                Code::Unavailable
-            }
-            DeployError::Storage(_) => Code::Internal,
+            DeployError::Storage(error) => store_code(error),
         };
         Status::new(code, error.to_string())
+    }
+}
+
+/// A closed store or a failed journal is unavailable (it comes back with the server); any
+/// other storage failure is internal.
+fn store_code(error: &StoreError) -> Code {
+    match error {
+        StoreError::Closed | StoreError::JournalFailed(_) => Code::Unavailable,
+        _ => Code::Internal,
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        Status::new(store_code(&error), error.to_string())
     }
 }
 

@@ -22,7 +22,6 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
 use crate::behaviour::{Behaviour, BehaviourRegistry, Value};
@@ -32,7 +31,7 @@ use crate::entity::{
     codec, recovery, validate_request_id, CallReply, EntityConfig, EntityContext, EntityError,
     Envelope, Request, StateView,
 };
-use crate::storage::{EntityBatch, Op, RecordKind, Store};
+use crate::storage::{DiskUsage, EntityBatch, Op, RecordKind, Store, StoreError, StoreStats};
 use crate::supervisor::{NodeKind, RootSupervisor, TreeNode};
 
 use directory::{Shard, ShardContext};
@@ -80,12 +79,7 @@ impl Shards {
         root: Arc<RootSupervisor>,
     ) -> Self {
         let shard_count = store.shard_count();
-        let entities = Arc::new(EntityContext {
-            registry,
-            store,
-            config: Arc::new(config),
-            tracker: TaskTracker::new(),
-        });
+        let entities = Arc::new(EntityContext::new(registry, store, config));
         let context = Arc::new(ShardContext {
             supervision,
             root,
@@ -591,6 +585,22 @@ impl Shards {
     /// Number of active entities over all shards.
     pub fn active_count(&self) -> usize {
         self.shards.iter().map(|shard| shard.active_count()).sum()
+    }
+
+    /// Active entities, and how many of them hibernate.
+    pub fn entity_counts(&self) -> (u64, u64) {
+        let hibernating = self.context.entities.hibernating.load(Ordering::Relaxed);
+        (self.active_count() as u64, hibernating)
+    }
+
+    /// How many shards there are.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// The store's counters and the disk its data dir takes.
+    pub async fn store_usage(&self) -> Result<(StoreStats, DiskUsage), StoreError> {
+        self.context.entities.store.usage().await
     }
 
     /// Stops taking messages, lets every active entity finish what is in its mailbox, and

@@ -17,8 +17,8 @@ use crate::behaviour::{Behaviour, BehaviourError, Effect, ErasedState, Turn, Val
 use crate::shutdown::Shutdown;
 use crate::storage::keys::{record_key, record_prefix, timer_index_key};
 use crate::storage::{
-    DueTimer, DueTimers, Durable, EntityBatch, LoadedEntity, Op, RecordKind, StoreError,
-    StoredEntry, StoredRecord,
+    DiskUsage, DueTimer, DueTimers, Durable, EntityBatch, LoadedEntity, Op, RecordKind, StoreError,
+    StoreStats, StoredEntry, StoredRecord,
 };
 use crate::supervisor::RestartPolicy;
 
@@ -199,6 +199,11 @@ impl Store for MemoryStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn usage(&self) -> Result<(StoreStats, DiskUsage), StoreError> {
+        // Nothing on disk, and no journal to count.
+        Ok((StoreStats::default(), DiskUsage::default()))
     }
 }
 
@@ -466,6 +471,7 @@ async fn idle_entities_hibernate_and_resume_without_loading() {
     let hibernating = |id: &EntityId| tree_state(&shards, id).as_deref() == Some("hibernating");
     eventually("hibernation", || hibernating(&a) && hibernating(&b)).await;
     assert_eq!(shards.active_count(), 2, "hibernating entities stay active");
+    assert_eq!(shards.entity_counts(), (2, 2));
     // Reading the committed state does not wake it.
     let (view, active) = shards.get(a.clone()).await.unwrap();
     assert_eq!((view.state, active), (json!({"value": 7}), true));
@@ -480,6 +486,12 @@ async fn idle_entities_hibernate_and_resume_without_loading() {
         assert_eq!(reply.reply, json!({"value": 7 + round}));
         assert_eq!(reply.seq, 1 + round as u64);
         assert_eq!(tree_state(&shards, &a).as_deref(), Some("running"));
+        let (active, hibernating_now) = shards.entity_counts();
+        assert_eq!(active, 2);
+        assert!(
+            hibernating_now <= 1,
+            "a woke: {hibernating_now} hibernating"
+        );
         // And it hibernates again.
         eventually("hibernating again", || hibernating(&a)).await;
     }
@@ -494,7 +506,7 @@ async fn idle_entities_hibernate_and_resume_without_loading() {
     // It answers, then leaves the directory.
     eventually("b to passivate", || shards.active_count() == 1).await;
     shards.shutdown().await;
-    assert_eq!(shards.active_count(), 0);
+    assert_eq!(shards.entity_counts(), (0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,7 @@ mod apply;
 mod checkpoint;
 mod codec;
 mod commit_wait;
+mod disk_usage;
 mod event_runs;
 mod fsync;
 pub mod journal;
@@ -68,6 +69,7 @@ use async_trait::async_trait;
 
 use crate::address::EntityId;
 
+pub use disk_usage::DiskUsage;
 pub use recovery::RecoveryReport;
 pub use shared::StoreStats;
 pub use sled_store::SledStore;
@@ -440,4 +442,7 @@ pub trait Store: Send + Sync + 'static {
     /// Stops accepting commits, completes those already handed over, syncs the journal, runs a
     /// final checkpoint. Later calls of any method answer `StoreError::Closed`.
     async fn close(&self) -> Result<(), StoreError>;
+
+    /// The store's counters since it opened, and the disk its data dir takes now.
+    async fn usage(&self) -> Result<(StoreStats, DiskUsage), StoreError>;
 }

@@ -35,8 +35,8 @@ use super::shared::{Shared, StoreStats};
 use super::state::{State, SHARD_COUNT_MAX};
 use super::writer::{Submission, Writer, WriterConfig, ROUND_BYTES_MAX};
 use super::{
-    DueTimer, DueTimers, EntityBatch, LoadedEntity, Op, RecordKind, Store, StoreConfig, StoreError,
-    StoredEntry, RECORD_NAME_BYTES_MAX,
+    DiskUsage, DueTimer, DueTimers, EntityBatch, LoadedEntity, Op, RecordKind, Store, StoreConfig,
+    StoreError, StoredEntry, RECORD_NAME_BYTES_MAX,
 };
 
 /// The sled state directory of a data dir.
@@ -496,6 +496,14 @@ impl Store for SledStore {
             Ok(records)
         })
         .await
+    }
+
+    async fn usage(&self) -> Result<(StoreStats, DiskUsage), StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let disk =
+            blocking(move || super::disk_usage::measure(&shared.state_dir, &shared.journal_dir))
+                .await?;
+        Ok((self.stats(), disk))
     }
 
     async fn checkpoint(&self) -> Result<(), StoreError> {
