@@ -4,8 +4,9 @@
 //! **Owns**: queueing, back-pressure (a full mailbox refuses at once, or `send` waits for
 //! room), and closing. tokio's `mpsc` channel does the same, but its cache-padded state and
 //! 32-slot blocks cost ~0.7 KiB per channel, which a million active entities pay a million
-//! times; this one is a mutex around a `VecDeque`, the receiver's waker and one `Notify` for
-//! senders waiting for room (~0.1 KiB), and its queue is freed whenever it is empty.
+//! times; this one is a mutex around a `VecDeque` and the receiver's waker, with a `Notify`
+//! for senders waiting for room allocated only once one waits (96 bytes in all, the Arc's
+//! counts included), and its queue is freed whenever it is empty.
 //!
 //! Semantics (as tokio's): messages come out in the order they went in; `recv` answers `None`
 //! once the mailbox is closed (or every sender is gone) and empty; after `close` or the
@@ -13,10 +14,11 @@
 //! is still queued (its callers then see their reply channels close).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
+use once_cell::race::OnceBox;
 use parking_lot::Mutex;
 use tokio::sync::mpsc::error::{SendError, TryRecvError, TrySendError};
 use tokio::sync::Notify;
@@ -29,9 +31,10 @@ pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, MailboxReceiver<T>) {
             closed: false,
             receiver: None,
         }),
-        capacity: capacity.max(1),
-        senders: AtomicUsize::new(1),
-        room: Notify::new(),
+        // Beyond any mailbox that fits in memory.
+        capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
+        senders: AtomicU32::new(1),
+        room: OnceBox::new(),
     });
     (
         MailboxSender {
@@ -43,10 +46,29 @@ pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, MailboxReceiver<T>) {
 
 struct Shared<T> {
     queue: Mutex<Queue<T>>,
-    capacity: usize,
-    senders: AtomicUsize,
-    /// Wakes senders waiting for room, or for the mailbox to close.
-    room: Notify,
+    capacity: u32,
+    senders: AtomicU32,
+    /// Wakes senders waiting for room, or for the mailbox to close; created by the first
+    /// sender that waits. A sender registers in it before it looks at the queue, and the
+    /// receiver looks for it after it changed the queue, each under the queue's lock: the
+    /// lock orders the two, so a waiting sender is always seen.
+    room: OnceBox<Notify>,
+}
+
+impl<T> Shared<T> {
+    /// Wakes one sender waiting for room, if any ever waited.
+    fn room_for_one(&self) {
+        if let Some(room) = self.room.get() {
+            room.notify_one();
+        }
+    }
+
+    /// Wakes every sender waiting for room: the mailbox closed.
+    fn closed_for_all(&self) {
+        if let Some(room) = self.room.get() {
+            room.notify_waiters();
+        }
+    }
 }
 
 struct Queue<T> {
@@ -102,7 +124,7 @@ impl<T> MailboxSender<T> {
             if queue.closed {
                 return Err(TrySendError::Closed(message));
             }
-            if queue.items.len() >= self.shared.capacity {
+            if queue.items.len() >= self.shared.capacity as usize {
                 return Err(TrySendError::Full(message));
             }
             queue.items.push_back(message);
@@ -116,8 +138,9 @@ impl<T> MailboxSender<T> {
 
     /// Queues `message`, waiting for room; a closed mailbox hands it back.
     pub async fn send(&self, mut message: T) -> Result<(), SendError<T>> {
+        let room = self.shared.room.get_or_init(|| Box::new(Notify::new()));
         loop {
-            let room = self.shared.room.notified();
+            let room = room.notified();
             tokio::pin!(room);
             // Registered before trying, so room freed in between is not missed.
             room.as_mut().enable();
@@ -184,7 +207,7 @@ impl<T> MailboxReceiver<T> {
                 }
             }
         };
-        self.shared.room.notify_one();
+        self.shared.room_for_one();
         Ok(message)
     }
 
@@ -211,7 +234,7 @@ impl<T> MailboxReceiver<T> {
     /// Refuses every later send; what is queued can still be received.
     pub fn close(&mut self) {
         self.shared.queue.lock().closed = true;
-        self.shared.room.notify_waiters();
+        self.shared.closed_for_all();
     }
 }
 
@@ -220,10 +243,11 @@ impl<T> Drop for MailboxReceiver<T> {
         let dropped = {
             let mut queue = self.shared.queue.lock();
             queue.closed = true;
-            std::mem::take(&mut queue.items)
+            // A parked receiver's waker goes too: nothing is left to wake.
+            (std::mem::take(&mut queue.items), queue.receiver.take())
         };
-        self.shared.room.notify_waiters();
-        // Dropped outside the lock: a message's drop may run arbitrary code.
+        self.shared.closed_for_all();
+        // Dropped outside the lock: a message's (or a waker's) drop may run arbitrary code.
         drop(dropped);
     }
 }
@@ -326,5 +350,30 @@ mod tests {
         tx.try_send(message).unwrap();
         drop(rx);
         assert!(watch.upgrade().is_none());
+    }
+
+    #[test]
+    fn a_mailbox_is_one_small_allocation() {
+        // With the Arc's two counts: 96 bytes, a jemalloc size class.
+        let shared = std::mem::size_of::<Shared<Box<u64>>>();
+        assert!(shared + 16 <= 96, "the mailbox is {shared} bytes");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_sender_is_never_missed() {
+        // The room's wake-up list is created by the first sender that waits, racing with the
+        // receiver that makes room.
+        for round in 0..200 {
+            let (tx, mut rx) = mailbox(1);
+            tx.try_send(0).unwrap();
+            let sender = tokio::spawn(async move { tx.send(1).await.is_ok() });
+            tokio::task::yield_now().await;
+            assert_eq!(rx.recv().await, Some(0));
+            let sent = tokio::time::timeout(Duration::from_secs(10), sender)
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the sender was never woken"));
+            assert!(sent.unwrap());
+            assert_eq!(rx.recv().await, Some(1));
+        }
     }
 }

@@ -15,6 +15,7 @@
 //! - A handler that fails or panics writes nothing and leaves the state as it was.
 
 pub mod codec;
+mod durable_mark;
 mod durables;
 mod envelope;
 mod error;

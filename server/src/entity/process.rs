@@ -9,20 +9,20 @@
 //!
 //! **Hibernation** (OTP's `proc_lib:hibernate`): after `hibernate_after` without messages (the
 //! sweep asks again), an idle entity gives up its task but stays active: the boxed process is
-//! parked in its [`Activation`], with a [`Resume`] waker in its mailbox, and the next message
-//! spawns a task that carries on from there, without touching storage. A task is ~0.25 KiB,
+//! parked in its [`Activation`], with its shared state as the waker in its mailbox, and the
+//! next message spawns a task that carries on from there, without touching storage. A task is ~0.25 KiB,
 //! which a million idle entities would otherwise pay. Reads of the committed state (`Get`)
 //! never wake it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::task::Waker;
 
 use parking_lot::{Mutex, RwLock};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::address::EntityId;
@@ -32,6 +32,7 @@ use crate::behaviour::{
 };
 use crate::storage::{Durable, EntityBatch, Op, RecordKind, Store, StoreError};
 
+use super::durable_mark::DurableMark;
 use super::durables::Durables;
 use super::mailbox::{self, MailboxReceiver, MailboxSender};
 use super::records::{
@@ -56,6 +57,8 @@ pub struct EntityContext {
     pub tracker: TaskTracker,
     /// Activations hibernating right now (parked, without a task).
     pub hibernating: AtomicU64,
+    /// Where a hibernating entity's next message resumes it, whichever thread sent it.
+    pub runtime: tokio::runtime::Handle,
 }
 
 impl EntityContext {
@@ -63,6 +66,7 @@ impl EntityContext {
         registry: Arc<BehaviourRegistry>,
         store: Arc<dyn Store>,
         config: EntityConfig,
+        runtime: tokio::runtime::Handle,
     ) -> Self {
         EntityContext {
             registry,
@@ -70,6 +74,7 @@ impl EntityContext {
             config: Arc::new(config),
             tracker: TaskTracker::new(),
             hibernating: AtomicU64::new(0),
+            runtime,
         }
     }
 }
@@ -140,31 +145,25 @@ impl Activation {
     }
 }
 
-/// The waker a hibernating entity leaves in its mailbox: a message (or the mailbox closing)
-/// wakes it, and waking it spawns a task that resumes the parked process. Holds the shared
-/// state weakly: the parked process holds it strongly, and the mailbox holds this.
-struct Resume {
-    shared: Weak<Shared>,
-    runtime: tokio::runtime::Handle,
-    tracker: TaskTracker,
-}
-
-impl std::task::Wake for Resume {
+/// The waker a hibernating entity leaves in its mailbox is its shared state: a message (or
+/// the mailbox closing, or its last sender going) wakes it, and waking it spawns a task that
+/// resumes the parked process. That makes a cycle while it hibernates (shared state → parked
+/// process → mailbox → this waker), and every way out of hibernation breaks it: a wake takes
+/// the process out and runs it, and an abort drops it.
+impl std::task::Wake for Shared {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        let mut activation = shared.activation.lock();
+        let mut activation = self.activation.lock();
         if let Some(process) = activation.unpark() {
             // Spawned from whichever thread sent; the runtime handle makes that possible. A
             // runtime that is shutting down drops the process instead, as it drops tasks.
-            let task = self
+            let context = Arc::clone(&process.context);
+            let task = context
                 .runtime
-                .spawn(self.tracker.track_future(process.serve()));
+                .spawn(context.tracker.track_future(process.serve()));
             activation.task = Some(task.abort_handle());
         }
     }
@@ -177,55 +176,6 @@ fn clock_ms() -> u64 {
         .get_or_init(tokio::time::Instant::now)
         .elapsed()
         .as_millis() as u64
-}
-
-/// How far an activation's turns are durable, for readers that must not see state before it
-/// is (`Get`). A watch channel would do, but costs ~0.4 KiB per entity; this is ~60 bytes.
-struct DurableMark {
-    seq: AtomicU64,
-    /// Set when the activation ended: nothing will become durable through it any more.
-    closed: AtomicBool,
-    changed: Notify,
-}
-
-impl DurableMark {
-    fn new() -> Self {
-        DurableMark {
-            seq: AtomicU64::new(0),
-            closed: AtomicBool::new(false),
-            changed: Notify::new(),
-        }
-    }
-
-    /// Waits until `seq` is durable; false if the activation ended first.
-    async fn wait_for(&self, seq: u64) -> bool {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            // Registered before the checks, so a change between them is not missed.
-            changed.as_mut().enable();
-            if self.seq.load(Ordering::Acquire) >= seq {
-                return true;
-            }
-            if self.closed.load(Ordering::Acquire) {
-                return false;
-            }
-            changed.await;
-        }
-    }
-
-    /// The activation made everything up to `seq` durable.
-    fn advance(&self, seq: u64) {
-        if self.seq.fetch_max(seq, Ordering::AcqRel) < seq {
-            self.changed.notify_waiters();
-        }
-    }
-
-    /// The activation ended.
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.changed.notify_waiters();
-    }
 }
 
 /// The state, its sequence number, and the behaviour version that owns its representation
@@ -605,17 +555,13 @@ impl Process {
         self.passivate();
     }
 
-    /// Parks the process in its activation and leaves a [`Resume`] waker in the mailbox, so
-    /// the task can end; hands the process back if a message is waiting (or the mailbox
-    /// closed) by now. The activation lock is held throughout, so a message that arrives
+    /// Parks the process in its activation and leaves its shared state as the mailbox's
+    /// waker, so the task can end; hands the process back if a message is waiting (or the
+    /// mailbox closed) by now. The activation lock is held throughout, so a message that arrives
     /// meanwhile wakes the waker only once the process is parked.
     fn hibernate(mut self: Box<Self>) -> Result<(), Box<Self>> {
         let shared = Arc::clone(&self.shared);
-        let resume = Waker::from(Arc::new(Resume {
-            shared: Arc::downgrade(&shared),
-            runtime: tokio::runtime::Handle::current(),
-            tracker: self.context.tracker.clone(),
-        }));
+        let resume = Waker::from(Arc::clone(&shared));
         let mut activation = shared.activation.lock();
         if !self.inbox.park(&resume) {
             return Err(self);
@@ -1909,13 +1855,16 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 #[cfg(test)]
 mod footprint {
     /// Every active entity holds a `Process` (in its task, or parked while it hibernates;
-    /// 192 bytes is a jemalloc size class) and its mailbox holds boxed
-    /// envelopes: growing either grows the memory of a million active entities.
+    /// 192 bytes is a jemalloc size class) and the state it shares with readers (in an
+    /// `Arc`: with its two counts, 128 bytes is a class), and its mailbox holds boxed
+    /// envelopes: growing any of them grows the memory of a million active entities.
     #[test]
     fn an_idle_entity_stays_small() {
         let process = std::mem::size_of::<super::Process>();
+        let shared = std::mem::size_of::<super::Shared>();
         let envelope = std::mem::size_of::<super::Envelope>();
         assert!(process <= 192, "Process is {process} bytes");
+        assert!(shared + 16 <= 128, "Shared is {shared} bytes");
         assert!(envelope <= 96, "Envelope is {envelope} bytes");
     }
 }

@@ -79,7 +79,12 @@ impl Shards {
         root: Arc<RootSupervisor>,
     ) -> Self {
         let shard_count = store.shard_count();
-        let entities = Arc::new(EntityContext::new(registry, store, config));
+        let entities = Arc::new(EntityContext::new(
+            registry,
+            store,
+            config,
+            tokio::runtime::Handle::current(),
+        ));
         let context = Arc::new(ShardContext {
             supervision,
             root,
