@@ -67,6 +67,9 @@ pub struct Flags {
     /// Checkpoint after this many journal bytes [default: 67108864].
     #[arg(long, value_name = "BYTES")]
     checkpoint_journal_bytes: Option<u64>,
+    /// sled's page cache bound; sled holds about three times it [default: 16777216].
+    #[arg(long, value_name = "BYTES")]
+    sled_cache_bytes: Option<u64>,
     /// At low load, the journal writer and a lone commit busy-wait this long before they
     /// sleep; 0 never [default: 250].
     #[arg(long, value_name = "US")]
@@ -119,6 +122,7 @@ impl Flags {
             self.checkpoint_interval_ms,
         );
         set(&mut config.commit_spin_us, self.commit_spin_us);
+        set(&mut config.sled_cache_bytes, self.sled_cache_bytes);
         set(
             &mut config.checkpoint_journal_bytes,
             self.checkpoint_journal_bytes,
@@ -179,5 +183,36 @@ fn run_main(
             tracing::error!("{error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_of(args: &[&str]) -> Config {
+        let flags =
+            Flags::try_parse_from(std::iter::once("statehouse-server").chain(args.iter().copied()))
+                .unwrap();
+        flags.into_config().unwrap()
+    }
+
+    #[test]
+    fn flags_override_defaults_and_the_file() {
+        assert_eq!(config_of(&[]).sled_cache_bytes, 16 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("statehouse.toml");
+        std::fs::write(&file, "sled_cache_bytes = 1048576\ncommit_spin_us = 7\n").unwrap();
+        let file = file.to_str().unwrap();
+        let from_file = config_of(&["--config", file]);
+        assert_eq!(
+            (from_file.sled_cache_bytes, from_file.commit_spin_us),
+            (1 << 20, 7)
+        );
+        let flagged = config_of(&["--config", file, "--sled-cache-bytes", "2097152"]);
+        assert_eq!(
+            (flagged.sled_cache_bytes, flagged.commit_spin_us),
+            (2 << 20, 7)
+        );
     }
 }

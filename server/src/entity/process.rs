@@ -750,7 +750,7 @@ impl Process {
                 reply,
             } => {
                 if let Some(stored) = request_id.as_deref().and_then(|r| self.stored_reply(r)) {
-                    return self.answer_now(Answer::Call(reply), Ok(stored));
+                    return self.answer_now(Answer::Call(reply), stored);
                 }
                 let (mut pending, crash) = self
                     .turn(Inbound::Message(message), request_id.as_deref())
@@ -854,15 +854,15 @@ impl Process {
         }
     }
 
-    /// The stored reply of a request id seen before, as a call's answer.
-    fn stored_reply(&self, request_id: &str) -> Option<CallReply> {
-        self.durables
-            .stored_reply(request_id)
-            .map(|stored| CallReply {
-                reply: stored.reply.clone(),
-                seq: stored.seq,
-                deduplicated: true,
-            })
+    /// The stored reply of a request id seen before, as a call's answer; an error if it
+    /// does not decode (the request ran: it must not run again).
+    fn stored_reply(&self, request_id: &str) -> Option<Result<CallReply, EntityError>> {
+        let stored = self.durables.stored_reply(&self.shared.id, request_id)?;
+        Some(stored.map(|stored| CallReply {
+            reply: stored.reply,
+            seq: stored.seq,
+            deduplicated: true,
+        }))
     }
 
     /// Queues an answer that needs no batch of its own (it still waits behind the turns
@@ -906,7 +906,7 @@ impl Process {
                         seq: self.seq,
                         reply: Value::Null,
                     };
-                    self.durables.records_mut().store_reply(
+                    self.durables.store_reply(
                         &self.shared.id,
                         request_id,
                         record,
@@ -1505,7 +1505,7 @@ impl Process {
                     seq: self.seq + turn.events.len() as u64,
                     reply: turn.reply.clone(),
                 };
-                self.durables.records_mut().store_reply(
+                self.durables.store_reply(
                     &self.shared.id,
                     request_id,
                     record,
