@@ -7,13 +7,13 @@
 //! retention of stored replies (bounded by count and age per entity).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
 use crate::address::EntityId;
 use crate::behaviour::TIMER_NAME_BYTES_MAX;
 use crate::storage::{Op, RecordKind, StoredEntry};
 
 use super::records::{self, DedupRecord, InboxItem, TimerRecord};
+use super::stored_replies::StoredReplies;
 use super::{EntityConfig, EntityError};
 
 /// The longest client request id, in bytes.
@@ -34,31 +34,13 @@ pub fn validate_request_id(request_id: &str) -> Result<(), String> {
 }
 
 /// The durable records an activation keeps in memory. Most entities have none: then this
-/// is two null pointers, each allocated on first use. Stored replies have their own, since
-/// with the client's default request ids nearly every entity has one.
+/// is two null pointers, each allocated on first use. Stored replies have their own
+/// ([`StoredReplies`]), since with the clients' default request ids nearly every entity
+/// has one.
 #[derive(Default)]
 pub(super) struct Durables {
     records: Option<Box<Records>>,
     replies: Option<Box<StoredReplies>>,
-}
-
-/// The replies of turns that carried a request id, kept as storage holds them (encoded) and
-/// decoded only when a retry asks for one: an entity with one stored reply pays ~0.4 KiB
-/// instead of a decoded value tree and a map of them.
-#[derive(Default)]
-pub(super) struct StoredReplies {
-    by_id: HashMap<Arc<str>, StoredReply>,
-    /// Request ids oldest first, to forget by count and age.
-    order: VecDeque<Arc<str>>,
-    /// Removals owed for replies found expired at activation, written with the next batch.
-    forget: Vec<Op>,
-}
-
-struct StoredReply {
-    /// When the turn committed, Unix milliseconds ([`DedupRecord::at_ms`]).
-    at_ms: u64,
-    /// The [`DedupRecord`] as [`records::encode`] made it.
-    encoded: Box<[u8]>,
 }
 
 /// What [`Durables`] holds once an entity has any durable record.
@@ -73,6 +55,9 @@ pub(super) struct Records {
     /// Accepted durable messages not yet handled, in order.
     pub inbox: VecDeque<(u64, InboxItem)>,
     next_inbox_seq: u64,
+    /// Removals owed for stored replies found expired at activation, written with the next
+    /// batch.
+    forget: Vec<Op>,
 }
 
 impl Durables {
@@ -94,20 +79,25 @@ impl Durables {
         if !replies.is_empty() {
             let mut stored = StoredReplies::default();
             for (request_id, at_ms, encoded) in replies {
-                stored.remember(request_id, at_ms, encoded);
+                stored.remember(&request_id, at_ms, encoded);
             }
             let mut forget = Vec::new();
-            stored.prune(now_ms, config, &mut forget);
-            stored.forget = forget;
-            durables.replies = Some(Box::new(stored));
+            let (window_ms, max) = retention(config);
+            stored.prune(now_ms, window_ms, max, &mut forget);
+            if !forget.is_empty() {
+                durables.records_mut().forget = forget;
+            }
+            if stored.len() > 0 {
+                durables.replies = Some(Box::new(stored));
+            }
         }
         Ok(durables)
     }
 
     /// Ops owed from activation (expired stored replies), to add to the next batch.
     pub fn take_owed(&mut self) -> Vec<Op> {
-        match &mut self.replies {
-            Some(replies) => std::mem::take(&mut replies.forget),
+        match &mut self.records {
+            Some(records) => std::mem::take(&mut records.forget),
             None => Vec::new(),
         }
     }
@@ -125,9 +115,9 @@ impl Durables {
         id: &EntityId,
         request_id: &str,
     ) -> Option<Result<DedupRecord, EntityError>> {
-        let stored = self.replies.as_ref()?.by_id.get(request_id)?;
+        let encoded = self.replies.as_ref()?.get(request_id)?;
         let what = format!("stored reply of request {request_id:?}");
-        Some(records::decode(id, &what, &stored.encoded))
+        Some(records::decode(id, &what, encoded))
     }
 
     /// Records the reply of a committed turn under `request_id` and forgets stored replies
@@ -147,8 +137,9 @@ impl Durables {
             value: encoded.clone(),
         });
         let replies = self.replies.get_or_insert_with(Box::default);
-        replies.remember(request_id.into(), record.at_ms, encoded.into_boxed_slice());
-        replies.prune(record.at_ms, config, ops);
+        replies.remember(request_id, record.at_ms, encoded.into_boxed_slice());
+        let (window_ms, max) = retention(config);
+        replies.prune(record.at_ms, window_ms, max, ops);
         Ok(())
     }
 
@@ -207,7 +198,7 @@ impl Durables {
 }
 
 /// A stored reply as loaded: request id, commit time, encoded record.
-type LoadedReply = (Arc<str>, u64, Box<[u8]>);
+type LoadedReply = (String, u64, Box<[u8]>);
 
 impl Records {
     /// Timers and inbox items, and the stored replies oldest first (each decoded once, to
@@ -230,7 +221,7 @@ impl Records {
                     let what = format!("stored reply of request {:?}", name());
                     let record: DedupRecord = records::decode(id, &what, &entry.value)?;
                     let encoded = entry.value.clone().into_boxed_slice();
-                    replies.push((name().into(), record.at_ms, encoded));
+                    replies.push((name(), record.at_ms, encoded));
                 }
                 RecordKind::Inbox => {
                     let seq = records::parse_inbox_name(&entry.name).ok_or_else(|| {
@@ -330,35 +321,10 @@ impl Records {
     }
 }
 
-impl StoredReplies {
-    /// Keeps `encoded` as the reply of `request_id` (a repeat replaces it in place).
-    fn remember(&mut self, request_id: Arc<str>, at_ms: u64, encoded: Box<[u8]>) {
-        let reply = StoredReply { at_ms, encoded };
-        if self.by_id.insert(Arc::clone(&request_id), reply).is_none() {
-            self.order.push_back(request_id);
-        }
-    }
-
-    /// Forgets replies past the age window, and the oldest past the count bound.
-    fn prune(&mut self, now_ms: u64, config: &EntityConfig, ops: &mut Vec<Op>) {
-        let window_ms = config.dedup_window.as_millis() as u64;
-        while let Some(oldest) = self.order.front() {
-            let expired = self
-                .by_id
-                .get(oldest)
-                .is_none_or(|r| r.at_ms.saturating_add(window_ms) < now_ms);
-            if !expired && self.order.len() <= config.dedup_per_entity_max {
-                break;
-            }
-            if let Some(request_id) = self.order.pop_front() {
-                self.by_id.remove(&request_id);
-                ops.push(Op::RemoveRecord {
-                    kind: RecordKind::Dedup,
-                    name: request_id.as_bytes().to_vec(),
-                });
-            }
-        }
-    }
+/// How long stored replies are kept, and how many per entity.
+fn retention(config: &EntityConfig) -> (u64, usize) {
+    let window_ms = u64::try_from(config.dedup_window.as_millis()).unwrap_or(u64::MAX);
+    (window_ms, config.dedup_per_entity_max)
 }
 
 #[cfg(test)]
@@ -443,13 +409,13 @@ mod tests {
             .store_reply(&id, "r", record.clone(), &config, &mut ops)
             .unwrap();
         // What is kept is what storage gets.
-        let stored = &durables.replies.as_ref().unwrap().by_id["r"];
+        let stored = durables.replies.as_ref().unwrap().get("r").unwrap();
         assert_eq!(
             ops,
             vec![Op::PutRecord {
                 kind: RecordKind::Dedup,
                 name: b"r".to_vec(),
-                value: stored.encoded.to_vec(),
+                value: stored.to_vec(),
             }]
         );
         assert_eq!(durables.stored_reply(&id, "r").unwrap().unwrap(), record);
@@ -459,16 +425,14 @@ mod tests {
             .store_reply(&id, "r", again.clone(), &config, &mut ops)
             .unwrap();
         assert_eq!(durables.stored_reply(&id, "r").unwrap().unwrap(), again);
-        assert_eq!(durables.replies.as_ref().unwrap().order.len(), 1);
+        assert_eq!(durables.replies.as_ref().unwrap().len(), 1);
 
+        // 0xc1 is never valid MessagePack.
         durables
             .replies
             .as_mut()
             .unwrap()
-            .by_id
-            .get_mut("r")
-            .unwrap()
-            .encoded = Box::new([0xc1]);
+            .remember("r", 5, Box::new([0xc1]));
         let err = durables.stored_reply(&id, "r").unwrap().unwrap_err();
         assert!(matches!(err, EntityError::Corrupt { .. }), "{err}");
     }
@@ -489,7 +453,6 @@ mod tests {
             durables.stored_reply(&id, "new").unwrap().unwrap(),
             reply(950)
         );
-        assert!(durables.records.is_none(), "only replies were loaded");
         assert_eq!(
             durables.take_owed(),
             vec![Op::RemoveRecord {

@@ -23,6 +23,7 @@ mod mailbox;
 mod process;
 pub mod records;
 pub mod recovery;
+mod stored_replies;
 
 use std::sync::Arc;
 use std::time::Duration;
