@@ -1,10 +1,10 @@
 //! `statehouse`: the command-line client of a statehouse server.
 //!
 //! Every subcommand prints JSON on stdout (`tree`, `stats` and `dead-letters` print for
-//! people unless given `--json`). On failure it prints `error: CODE: message` on stderr (CODE is the gRPC
-//! code name, e.g. `INVALID_ARGUMENT`) and exits with status 2 when the local input was wrong
-//! (a JSON argument that does not parse, a bad URL or request id) and 1 when the server or
-//! the connection failed.
+//! people unless given `--json`). On failure it prints `error: CODE: message` on stderr
+//! (CODE is the gRPC code name, e.g. `INVALID_ARGUMENT`) and exits with status 2 when the
+//! local input was wrong (a JSON argument that does not parse, a bad URL or request id) and 1
+//! when the server or the connection failed.
 //!
 //! `call` and `cast` send a request id (`--request-id`, or a generated one) and retry
 //! `UNAVAILABLE` with it (unless `--no-retry`); when a call fails without a known outcome the

@@ -10,9 +10,9 @@
 //! **Hibernation** (OTP's `proc_lib:hibernate`): after `hibernate_after` without messages (the
 //! sweep asks again), an idle entity gives up its task but stays active: the boxed process is
 //! parked in its [`Activation`], with its shared state as the waker in its mailbox, and the
-//! next message spawns a task that carries on from there, without touching storage. A task is ~0.25 KiB,
-//! which a million idle entities would otherwise pay. Reads of the committed state (`Get`)
-//! never wake it.
+//! next message spawns a task that carries on from there, without touching storage. A task
+//! is ~0.25 KiB, which a million idle entities would otherwise pay. Reads of the committed
+//! state (`Get`) never wake it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
