@@ -1,6 +1,7 @@
 //! `AdminService.ServerStats` through the real binary (`statehouse stats`): entity counts
 //! that follow hibernation and passivation, the process's memory with jemalloc's own
-//! figures, and the journal and disk the data dir takes.
+//! figures, and the journal and disk the data dir takes; and the memory setting
+//! `--sled-cache-bytes`.
 
 use std::time::{Duration, Instant};
 
@@ -82,4 +83,28 @@ async fn stats_count_entities_memory_journal_and_disk() {
         stats["entities_active"] == 0 && stats["entities_hibernating"] == 0
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sled_cache_flag_is_taken_and_too_small_a_cache_refused() {
+    let server = TestServer::start_with(&["--sled-cache-bytes", "2097152"]);
+    let client = server.client().await;
+    assert_eq!(client.counter("c").incr(2).await.unwrap(), 2);
+    drop(server);
+
+    let data_dir = tempfile::tempdir().unwrap();
+    let refused = std::process::Command::new(statehouse_tests::server_bin())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--sled-cache-bytes",
+            "1000",
+            "--data-dir",
+        ])
+        .arg(data_dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("sled_cache_bytes"), "{stderr}");
 }
