@@ -473,51 +473,52 @@ mod tests {
         );
     }
 
+    /// Asserts that `config` is refused with an error naming `field`.
+    fn assert_refused(config: Config, field: &str) {
+        let error = config.validate().expect_err(field).to_string();
+        assert!(error.contains(field), "{field}: {error}");
+    }
+
     #[test]
     fn refuses_out_of_range_values() {
-        let config = Config {
-            shards: 0,
-            ..Config::default()
-        };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("shards"));
-        let config = Config {
-            mailbox_capacity: 0,
-            ..Config::default()
-        };
-        assert!(config.validate().is_err());
+        let default = Config::default;
+        assert_refused(
+            Config {
+                shards: 0,
+                ..default()
+            },
+            "shards",
+        );
+        assert_refused(
+            Config {
+                mailbox_capacity: 0,
+                ..default()
+            },
+            "mailbox_capacity",
+        );
         // Below 1 MiB every round would ask for a checkpoint and stall on a tiny overlay.
-        let config = Config {
-            checkpoint_journal_bytes: 4096,
-            ..Config::default()
-        };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("checkpoint_journal_bytes"));
+        assert_refused(
+            Config {
+                checkpoint_journal_bytes: 4096,
+                ..default()
+            },
+            "checkpoint_journal_bytes",
+        );
         // A spin longer than a few fsyncs only burns CPU.
-        let config = Config {
-            commit_spin_us: COMMIT_SPIN_US_MAX + 1,
-            ..Config::default()
-        };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("commit_spin_us"));
-        let config = Config {
-            sled_cache_bytes: SLED_CACHE_BYTES_MIN - 1,
-            ..Config::default()
-        };
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("sled_cache_bytes"));
+        assert_refused(
+            Config {
+                commit_spin_us: COMMIT_SPIN_US_MAX + 1,
+                ..default()
+            },
+            "commit_spin_us",
+        );
+        assert_refused(
+            Config {
+                sled_cache_bytes: SLED_CACHE_BYTES_MIN - 1,
+                ..default()
+            },
+            "sled_cache_bytes",
+        );
     }
 
     #[test]
