@@ -8,8 +8,7 @@
 
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 
-use once_cell::race::OnceBox;
-use tokio::sync::Notify;
+use super::lazy_notify::LazyNotify;
 
 /// The top bit of the word: the activation ended. Sequence numbers stay below it.
 const CLOSED: u64 = 1 << 63;
@@ -18,20 +17,20 @@ pub(super) struct DurableMark {
     /// The durable sequence number, with [`CLOSED`] set once the activation ended.
     word: AtomicU64,
     /// Waiters, created by the first one.
-    changed: OnceBox<Notify>,
+    changed: LazyNotify,
 }
 
 impl DurableMark {
     pub fn new() -> Self {
         DurableMark {
             word: AtomicU64::new(0),
-            changed: OnceBox::new(),
+            changed: LazyNotify::default(),
         }
     }
 
     /// Waits until `seq` is durable; false if the activation ended first.
     pub async fn wait_for(&self, seq: u64) -> bool {
-        let changed = self.changed.get_or_init(|| Box::new(Notify::new()));
+        let changed = self.changed.get_or_init();
         loop {
             let notified = changed.notified();
             tokio::pin!(notified);
@@ -70,9 +69,7 @@ impl DurableMark {
     /// Wakes the waiters, if anybody ever waited.
     fn changed(&self) {
         fence(Ordering::SeqCst);
-        if let Some(changed) = self.changed.get() {
-            changed.notify_waiters();
-        }
+        self.changed.notify_waiters();
     }
 }
 

@@ -12,7 +12,7 @@ use crate::address::EntityId;
 use crate::behaviour::TIMER_NAME_BYTES_MAX;
 use crate::storage::{Op, RecordKind, StoredEntry};
 
-use super::records::{self, DedupRecord, InboxItem, TimerRecord};
+use super::records::{self, DedupRecord, DedupStamp, InboxItem, TimerRecord};
 use super::stored_replies::StoredReplies;
 use super::{EntityConfig, EntityError};
 
@@ -108,6 +108,13 @@ impl Durables {
         self.records.get_or_insert_with(Box::default)
     }
 
+    /// Whether a reply is stored for `request_id` (within the retention window).
+    pub fn has_stored_reply(&self, request_id: &str) -> bool {
+        self.replies
+            .as_ref()
+            .is_some_and(|replies| replies.get(request_id).is_some())
+    }
+
     /// The stored reply of `request_id`, if it is within the retention window; an error if
     /// it does not decode.
     pub fn stored_reply(
@@ -201,8 +208,8 @@ impl Durables {
 type LoadedReply = (String, u64, Box<[u8]>);
 
 impl Records {
-    /// Timers and inbox items, and the stored replies oldest first (each decoded once, to
-    /// check it and read its time).
+    /// Timers and inbox items, and the stored replies oldest first (only their commit time
+    /// is decoded).
     fn load(
         id: &EntityId,
         records: &[StoredEntry],
@@ -219,9 +226,9 @@ impl Records {
                 }
                 RecordKind::Dedup => {
                     let what = format!("stored reply of request {:?}", name());
-                    let record: DedupRecord = records::decode(id, &what, &entry.value)?;
+                    let stamp: DedupStamp = records::decode(id, &what, &entry.value)?;
                     let encoded = entry.value.clone().into_boxed_slice();
-                    replies.push((name(), record.at_ms, encoded));
+                    replies.push((name(), stamp.at_ms, encoded));
                 }
                 RecordKind::Inbox => {
                     let seq = records::parse_inbox_name(&entry.name).ok_or_else(|| {
@@ -449,6 +456,7 @@ mod tests {
         let mut durables =
             Durables::load(&id, &[entry("old", 1), entry("new", 950)], 1000, &config).unwrap();
         assert!(durables.stored_reply(&id, "old").is_none());
+        assert!(!durables.has_stored_reply("old") && durables.has_stored_reply("new"));
         assert_eq!(
             durables.stored_reply(&id, "new").unwrap().unwrap(),
             reply(950)

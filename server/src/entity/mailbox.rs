@@ -18,10 +18,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use once_cell::race::OnceBox;
 use parking_lot::Mutex;
 use tokio::sync::mpsc::error::{SendError, TryRecvError, TrySendError};
-use tokio::sync::Notify;
+
+use super::lazy_notify::LazyNotify;
 
 /// Creates a mailbox holding at most `capacity` (at least 1) messages.
 pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, MailboxReceiver<T>) {
@@ -34,7 +34,7 @@ pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, MailboxReceiver<T>) {
         // Beyond any mailbox that fits in memory.
         capacity: u32::try_from(capacity.max(1)).unwrap_or(u32::MAX),
         senders: AtomicU32::new(1),
-        room: OnceBox::new(),
+        room: LazyNotify::default(),
     });
     (
         MailboxSender {
@@ -52,23 +52,7 @@ struct Shared<T> {
     /// sender that waits. A sender registers in it before it looks at the queue, and the
     /// receiver looks for it after it changed the queue, each under the queue's lock: the
     /// lock orders the two, so a waiting sender is always seen.
-    room: OnceBox<Notify>,
-}
-
-impl<T> Shared<T> {
-    /// Wakes one sender waiting for room, if any ever waited.
-    fn room_for_one(&self) {
-        if let Some(room) = self.room.get() {
-            room.notify_one();
-        }
-    }
-
-    /// Wakes every sender waiting for room: the mailbox closed.
-    fn closed_for_all(&self) {
-        if let Some(room) = self.room.get() {
-            room.notify_waiters();
-        }
-    }
+    room: LazyNotify,
 }
 
 struct Queue<T> {
@@ -138,7 +122,7 @@ impl<T> MailboxSender<T> {
 
     /// Queues `message`, waiting for room; a closed mailbox hands it back.
     pub async fn send(&self, mut message: T) -> Result<(), SendError<T>> {
-        let room = self.shared.room.get_or_init(|| Box::new(Notify::new()));
+        let room = self.shared.room.get_or_init();
         loop {
             let room = room.notified();
             tokio::pin!(room);
@@ -207,14 +191,14 @@ impl<T> MailboxReceiver<T> {
                 }
             }
         };
-        self.shared.room_for_one();
+        self.shared.room.notify_one();
         Ok(message)
     }
 
     /// Leaves `waker` to be woken by the next message (or the mailbox closing, or the last
     /// sender going) instead of a receiving task, if nothing is waiting and the mailbox is
     /// open: true. False, registering nothing, if a message is waiting or the mailbox closed.
-    pub fn park(&mut self, waker: &Waker) -> bool {
+    pub fn park(&mut self, waker: Waker) -> bool {
         let mut queue = self.shared.queue.lock();
         if !queue.items.is_empty()
             || queue.closed
@@ -222,7 +206,7 @@ impl<T> MailboxReceiver<T> {
         {
             return false;
         }
-        queue.receiver = Some(waker.clone());
+        queue.receiver = Some(waker);
         true
     }
 
@@ -234,7 +218,7 @@ impl<T> MailboxReceiver<T> {
     /// Refuses every later send; what is queued can still be received.
     pub fn close(&mut self) {
         self.shared.queue.lock().closed = true;
-        self.shared.closed_for_all();
+        self.shared.room.notify_waiters();
     }
 }
 
@@ -246,7 +230,7 @@ impl<T> Drop for MailboxReceiver<T> {
             // A parked receiver's waker goes too: nothing is left to wake.
             (std::mem::take(&mut queue.items), queue.receiver.take())
         };
-        self.shared.closed_for_all();
+        self.shared.room.notify_waiters();
         // Dropped outside the lock: a message's (or a waker's) drop may run arbitrary code.
         drop(dropped);
     }

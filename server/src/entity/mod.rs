@@ -19,6 +19,7 @@ mod durable_mark;
 mod durables;
 mod envelope;
 mod error;
+mod lazy_notify;
 mod mailbox;
 mod process;
 pub mod records;

@@ -561,9 +561,8 @@ impl Process {
     /// meanwhile wakes the waker only once the process is parked.
     fn hibernate(mut self: Box<Self>) -> Result<(), Box<Self>> {
         let shared = Arc::clone(&self.shared);
-        let resume = Waker::from(Arc::clone(&shared));
         let mut activation = shared.activation.lock();
-        if !self.inbox.park(&resume) {
+        if !self.inbox.park(Waker::from(Arc::clone(&shared))) {
             return Err(self);
         }
         activation.park(self);
@@ -762,10 +761,10 @@ impl Process {
                 message,
                 request_id,
             } => {
+                // A repeat of a cast that ran: nothing to answer, nothing to decode.
                 if request_id
                     .as_deref()
-                    .and_then(|r| self.stored_reply(r))
-                    .is_some()
+                    .is_some_and(|r| self.durables.has_stored_reply(r))
                 {
                     return Next::Continue;
                 }
@@ -884,8 +883,7 @@ impl Process {
     ) -> Next {
         if request_id
             .as_deref()
-            .and_then(|r| self.stored_reply(r))
-            .is_some()
+            .is_some_and(|r| self.durables.has_stored_reply(r))
         {
             return self.answer_now(Answer::Accepted(reply, true), Ok(self.no_reply()));
         }

@@ -33,6 +33,13 @@ pub struct DedupRecord {
     pub reply: Value,
 }
 
+/// The commit time of a [`DedupRecord`], read without decoding its reply: what loading an
+/// entity's stored replies needs (the reply is decoded only if a retry asks for it).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct DedupStamp {
+    pub at_ms: u64,
+}
+
 /// How a message is handled by the entity that receives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MessageKind {
