@@ -16,8 +16,9 @@
 use tracing::info;
 
 /// The format version this build reads and writes. Version 1 is the initial layout; version 2
-/// may store several events of an entity as one run value (see [`migrations`]).
-pub const CURRENT_FORMAT_VERSION: u32 = 2;
+/// may store several events of an entity as one run value; version 3 has no existence index
+/// (see [`migrations`]).
+pub const CURRENT_FORMAT_VERSION: u32 = 3;
 
 /// The sled tree holding data-dir metadata.
 pub const META_TREE: &str = "meta";
@@ -93,14 +94,72 @@ pub enum PrepareOutcome {
 
 /// The known migration steps, in order.
 pub fn migrations() -> Vec<Migration> {
-    vec![Migration {
-        from_version: 1,
-        description: "events may be stored as runs (value format 2) under their last event's key",
-        // Every version-1 value is a valid version-2 value: nothing to rewrite. The step
-        // exists so that a build that cannot read runs refuses the data dir as a whole
-        // (format too new) instead of reporting entities corrupt one by one.
-        step: |_| Ok(()),
-    }]
+    vec![
+        Migration {
+            from_version: 1,
+            description: "events may be stored as runs (value format 2) under their last event's key",
+            // Every version-1 value is a valid version-2 value: nothing to rewrite. The step
+            // exists so that a build that cannot read runs refuses the data dir as a whole
+            // (format too new) instead of reporting entities corrupt one by one.
+            step: |_| Ok(()),
+        },
+        Migration {
+            from_version: 2,
+            description: "the existence index is dropped: entities are listed from their snapshot and event keys",
+            step: drop_existence_index,
+        },
+    ]
+}
+
+/// The prefix of every shard tree's name (`shard-N`).
+const SHARD_TREE_PREFIX: &[u8] = b"shard-";
+
+/// The first byte of every existence index key of format version 2 (`e`, then the entity
+/// type and key, with an empty value). No other key of a shard tree starts with it.
+const EXISTENCE_INDEX_KIND: u8 = b'e';
+
+/// How many keys one sled batch of [`drop_existence_index`] removes.
+const REMOVAL_BATCH_KEYS: usize = 10_000;
+
+/// Removes every existence index key from every shard tree, a batch at a time. Running it
+/// again after an interruption removes what is left.
+fn drop_existence_index(db: &sled::Db) -> Result<(), MigrationError> {
+    let failed = |detail: String| MigrationError::StepFailed {
+        from: 2,
+        description: "dropping the existence index",
+        detail,
+    };
+    let mut removed: u64 = 0;
+    for name in db.tree_names() {
+        if !name.starts_with(SHARD_TREE_PREFIX) {
+            continue;
+        }
+        let tree_name = String::from_utf8_lossy(&name).into_owned();
+        let tree = db
+            .open_tree(&name)
+            .map_err(|e| failed(format!("opening tree {tree_name}: {e}")))?;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0;
+            for key in tree
+                .scan_prefix([EXISTENCE_INDEX_KIND])
+                .keys()
+                .take(REMOVAL_BATCH_KEYS)
+            {
+                let key = key.map_err(|e| failed(format!("scanning tree {tree_name}: {e}")))?;
+                batch.remove(key);
+                in_batch += 1;
+            }
+            if in_batch == 0 {
+                break;
+            }
+            tree.apply_batch(batch)
+                .map_err(|e| failed(format!("removing keys from tree {tree_name}: {e}")))?;
+            removed += in_batch as u64;
+        }
+    }
+    info!(removed, "existence index dropped");
+    Ok(())
 }
 
 /// Brings the data dir in `db` to [`CURRENT_FORMAT_VERSION`] with the steps of [`migrations`].
@@ -311,6 +370,59 @@ mod tests {
             }
         );
         assert_eq!(data.get(b"j-some-event").unwrap().unwrap(), b"value");
+    }
+
+    #[test]
+    fn version_2_loses_its_existence_index_and_keeps_everything_else() {
+        let (_dir, db) = temp_db();
+        set_version(&db, 2);
+        let catalog = db.open_tree("catalog").unwrap();
+        catalog.insert(b"e-not-a-shard-key", b"kept").unwrap();
+        let mut kept = Vec::new();
+        for shard in 0..3 {
+            let tree = db.open_tree(format!("shard-{shard}")).unwrap();
+            // More existence keys than one removal batch holds, in one of the shards.
+            let entities = if shard == 1 {
+                REMOVAL_BATCH_KEYS + 7
+            } else {
+                5
+            };
+            for n in 0..entities {
+                let key = format!("k{n}");
+                let mut exists = vec![EXISTENCE_INDEX_KIND, 0, 1, b't'];
+                exists.extend_from_slice(key.as_bytes());
+                tree.insert(exists, b"").unwrap();
+                let snapshot = [b"s\x00\x01t\x00\x02".as_slice(), key.as_bytes()].concat();
+                tree.insert(&snapshot, b"state").unwrap();
+                kept.push((shard, snapshot));
+            }
+            tree.insert(b"d-record", b"r").unwrap();
+            tree.insert(b"t-timer", b"t").unwrap();
+            kept.push((shard, b"d-record".to_vec()));
+            kept.push((shard, b"t-timer".to_vec()));
+        }
+        assert_eq!(
+            prepare(&db).unwrap(),
+            PrepareOutcome::Migrated {
+                from: 2,
+                to: CURRENT_FORMAT_VERSION
+            }
+        );
+        for shard in 0..3 {
+            let tree = db.open_tree(format!("shard-{shard}")).unwrap();
+            assert_eq!(tree.scan_prefix([EXISTENCE_INDEX_KIND]).count(), 0);
+            let mut expected: Vec<Vec<u8>> = kept
+                .iter()
+                .filter(|(s, _)| *s == shard)
+                .map(|(_, key)| key.clone())
+                .collect();
+            expected.sort();
+            let left: Vec<Vec<u8>> = tree.iter().keys().map(|k| k.unwrap().to_vec()).collect();
+            assert_eq!(left, expected, "shard {shard}");
+        }
+        assert_eq!(catalog.get(b"e-not-a-shard-key").unwrap().unwrap(), b"kept");
+        // Running the step again (an interrupted migration) finds nothing to do.
+        drop_existence_index(&db).unwrap();
     }
 
     #[test]

@@ -10,9 +10,9 @@
 //!
 //! | op | writes |
 //! |---|---|
-//! | `Event{seq}` | put `j(seq)`; with seq 1 also put `e` |
-//! | `Snapshot{seq}` | put `s`, remove `j(0..=seq)` (and runs ending at `seq`), put `e` |
-//! | `Delete` | remove `s`, `e`, `x`, every `j` (events and runs) and every record of every [`RecordKind`] |
+//! | `Event{seq}` | put `j(seq)` |
+//! | `Snapshot{seq}` | put `s`, remove `j(0..=seq)` (and runs ending at `seq`) |
+//! | `Delete` | remove `s`, `x`, every `j` (events and runs) and every record of every [`RecordKind`] |
 //! | `PutRecord{kind,name}` | put `kind type key name` (value checksummed over the key) |
 //! | `RemoveRecord{kind,name}` | remove `kind type key name` |
 //! | `PutTimerDue{due_ms,name}` | put `t due_ms type key name` (checksummed empty value) |
@@ -61,9 +61,6 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
                 let key = keys::event_key(entity, *seq);
                 let value = encode_value(&key, *seq, *behaviour_version, payload);
                 writes.push(SledOp::Put { key, value });
-                if *seq == 1 {
-                    writes.push(exists(entity));
-                }
             }
             Op::Snapshot {
                 seq,
@@ -78,14 +75,10 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
                     from: keys::event_key(entity, 0),
                     to_inclusive: keys::event_run_key(&keys::event_key(entity, *seq), u64::MAX),
                 });
-                writes.push(exists(entity));
             }
             Op::Delete => {
                 writes.push(SledOp::Remove {
                     key: keys::snapshot_key(entity),
-                });
-                writes.push(SledOp::Remove {
-                    key: keys::exists_key(entity),
                 });
                 writes.push(SledOp::Remove {
                     key: keys::corrupt_key(entity),
@@ -118,13 +111,6 @@ pub(crate) fn plan(entity: &EntityId, ops: &[Op]) -> Vec<SledOp> {
         }
     }
     writes
-}
-
-fn exists(entity: &EntityId) -> SledOp {
-    SledOp::Put {
-        key: keys::exists_key(entity),
-        value: Vec::new(),
-    }
 }
 
 #[cfg(test)]
@@ -187,10 +173,7 @@ mod tests {
                 event(4),
             ],
         );
-        assert_eq!(
-            kinds(&tree),
-            vec![(b'e', None), (b'j', Some(4)), (b's', None)]
-        );
+        assert_eq!(kinds(&tree), vec![(b'j', Some(4)), (b's', None)]);
     }
 
     fn put(kind: RecordKind, name: &[u8]) -> Op {
@@ -335,7 +318,7 @@ mod tests {
             apply(&tree, entity, ops);
         }
         let expected = dump(&tree);
-        assert_eq!(expected.len(), 6, "{expected:?}");
+        assert_eq!(expected.len(), 5, "{expected:?}");
         for start in 0..batches.len() {
             for (entity, ops) in &batches[start..] {
                 apply(&tree, entity, ops);
@@ -408,6 +391,6 @@ mod tests {
         tree.insert(keys::corrupt_key(&a), b"x".to_vec()).unwrap();
         apply(&tree, &a, &[Op::Delete]);
         let left: Vec<Vec<u8>> = tree.iter().map(|i| i.unwrap().0.to_vec()).collect();
-        assert_eq!(left, vec![keys::exists_key(&ab), keys::event_key(&ab, 1)]);
+        assert_eq!(left, vec![keys::event_key(&ab, 1)]);
     }
 }

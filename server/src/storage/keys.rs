@@ -14,13 +14,15 @@
 //! | `s` | `s` type key | the entity's one snapshot (its seq is in the value) |
 //! | `j` | `j` type key seq(u64 BE) | one event; big-endian seq sorts numerically |
 //! | `j` | `j` type key last(u64 BE) 0x01 first(u64 BE) | a run of events first..=last (`event_runs`) |
-//! | `e` | `e` len(type) type key-bytes | empty: the existence index `list` scans |
 //! | `x` | `x` type key | human-readable detail: the entity is corrupt |
 //! | `d` `i` `l` `o` `p` `r` `u` | kind type key name | one [`RecordKind`] record (`record::encode_value` with seq 0, version 0) |
 //! | `t` | `t` due_ms(u64 BE) type key name | the shard's timer index: `encode_value` of nothing |
 //!
-//! The existence key leaves the entity key unprefixed so that a key prefix is a byte prefix:
-//! listing `(type, "ab")` is one prefix scan of `e len type ab`.
+//! There is no existence index: an entity exists while it has a snapshot or events, and
+//! `list` finds entities by skipping from one entity's snapshot or event keys to the next
+//! (`storage::listing`). Because the key's length comes before its bytes, entities of one
+//! type sort by key length first; a listing walks the lengths in turn, and within one length
+//! a key prefix is a byte prefix ([`keys_of_length`]).
 //!
 //! Record names are the unprefixed tail of their key, so one entity's records of one kind
 //! sort by name bytes, and a shard-wide prefix scan of a kind yields them by entity (type,
@@ -36,8 +38,10 @@ use super::{DueTimer, RecordKind};
 pub const KIND_SNAPSHOT: u8 = b's';
 /// Kind byte of an entity's events since the snapshot.
 pub const KIND_EVENT: u8 = b'j';
-/// Kind byte of the existence index.
-pub const KIND_EXISTS: u8 = b'e';
+/// Kind byte of the existence index of format version 2 and older (an empty value per
+/// entity). Format version 3 dropped it; the migration to it removes these keys, and no
+/// key of any other kind starts with this byte.
+pub const KIND_RETIRED_EXISTS: u8 = b'e';
 /// Kind byte of a corruption marker.
 pub const KIND_CORRUPT: u8 = b'x';
 /// Kind byte of the shard's timer index.
@@ -65,12 +69,9 @@ pub fn record_kind_of_byte(byte: u8) -> Option<RecordKind> {
 
 /// `kind` then the length-prefixed type and key.
 fn entity_key(kind: u8, entity: &EntityId) -> Vec<u8> {
-    let entity_type = entity.entity_type.as_bytes();
     let key = entity.key.as_bytes();
-    let mut out = Vec::with_capacity(1 + 2 + entity_type.len() + 2 + key.len() + 8);
-    out.push(kind);
-    put_len_u16(&mut out, entity_type.len());
-    out.extend_from_slice(entity_type);
+    // Room for the key and an event's seq, so an event key is one allocation.
+    let mut out = type_prefix_with_room(kind, &entity.entity_type, 2 + key.len() + 8);
     put_len_u16(&mut out, key.len());
     out.extend_from_slice(key);
     out
@@ -137,26 +138,50 @@ pub fn corrupt_key(entity: &EntityId) -> Vec<u8> {
     entity_key(KIND_CORRUPT, entity)
 }
 
-/// The prefix every existence key of `entity_type` whose key starts with `key_prefix`
-/// starts with.
-pub fn exists_prefix(entity_type: &str, key_prefix: &str) -> Vec<u8> {
+/// `kind` then the length-prefixed `entity_type`: the start of every key of `kind` of an
+/// entity of this type (for the entity-keyed kinds: snapshot, event, corruption marker and
+/// records). The entity key's length (`u16` BE) and bytes follow.
+pub fn type_prefix(kind: u8, entity_type: &str) -> Vec<u8> {
+    type_prefix_with_room(kind, entity_type, 2)
+}
+
+/// [`type_prefix`] in a vector with room for `room` more bytes.
+fn type_prefix_with_room(kind: u8, entity_type: &str, room: usize) -> Vec<u8> {
     let type_bytes = entity_type.as_bytes();
-    let mut out = Vec::with_capacity(1 + 2 + type_bytes.len() + key_prefix.len());
-    out.push(KIND_EXISTS);
+    let mut out = Vec::with_capacity(1 + 2 + type_bytes.len() + room);
+    out.push(kind);
     put_len_u16(&mut out, type_bytes.len());
     out.extend_from_slice(type_bytes);
-    out.extend_from_slice(key_prefix.as_bytes());
     out
 }
 
-/// The entity's existence key.
-pub fn exists_key(entity: &EntityId) -> Vec<u8> {
-    exists_prefix(&entity.entity_type, &entity.key)
+/// [`type_prefix`] then `key_len` and `key_start`: the start of every key of `kind` of the
+/// entities of `entity_type` whose key is `key_len` bytes long and starts with `key_start`
+/// (`key_start` must not be longer than `key_len`).
+pub fn keys_of_length(kind: u8, entity_type: &str, key_len: usize, key_start: &[u8]) -> Vec<u8> {
+    debug_assert!(key_start.len() <= key_len, "a start longer than the key");
+    let mut out = type_prefix(kind, entity_type);
+    put_len_u16(&mut out, key_len);
+    out.extend_from_slice(key_start);
+    out
 }
 
-/// The number of bytes before the entity key in an existence key of `entity_type`.
-pub fn exists_key_offset(entity_type: &str) -> usize {
-    1 + 2 + entity_type.len()
+/// The entity key of a key that starts with a type prefix (see [`type_prefix`]) of
+/// `type_prefix_len` bytes; `None` if the key is cut short.
+pub fn key_after_type_prefix(key: &[u8], type_prefix_len: usize) -> Option<&[u8]> {
+    let mut reader = Reader::new(key.get(type_prefix_len..)?);
+    let len = reader.u16()?;
+    reader.take(usize::from(len))
+}
+
+/// The smallest key greater than every key that starts with `prefix` (its last byte below
+/// 0xFF incremented, what follows it dropped), `None` when no key is: `prefix` is empty or
+/// all 0xFF.
+pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let last = prefix.iter().rposition(|byte| *byte != u8::MAX)?;
+    let mut successor = prefix[..=last].to_vec();
+    successor[last] += 1;
+    Some(successor)
 }
 
 /// The prefix every record key of `kind` of the entity starts with: exactly the entity's
@@ -275,7 +300,7 @@ mod tests {
         let run = event_run_key(&event, 3);
         assert_eq!(event_prefix_len(&run), Some(prefix.len()));
         assert_eq!(event_prefix_len(&snapshot_key(&e)), None);
-        assert_eq!(event_prefix_len(&exists_key(&e)), None);
+        assert_eq!(event_prefix_len(&corrupt_key(&e)), None);
         assert_eq!(event_prefix_len(b""), None);
         // Cut short anywhere inside the prefix: not an event key.
         for len in 0..prefix.len() {
@@ -326,24 +351,74 @@ mod tests {
     }
 
     #[test]
-    fn existence_keys_list_by_key_prefix() {
-        let keys = ["user-1", "user-10", "user-2", "u", "userx", "admin"];
-        let mut index: Vec<Vec<u8>> = keys.iter().map(|k| exists_key(&id("t", k))).collect();
+    fn keys_of_one_length_list_by_key_prefix() {
+        let keys = [
+            "user-1", "user-10", "user-2", "u", "userx", "admin", "user-",
+        ];
+        let mut sorted: Vec<Vec<u8>> = keys.iter().map(|k| snapshot_key(&id("t", k))).collect();
         // Another type whose name extends this one must not show up.
-        index.push(exists_key(&id("tt", "user-3")));
-        index.sort();
-        let prefix = exists_prefix("t", "user-");
-        let listed: Vec<&str> = index
+        sorted.push(snapshot_key(&id("tt", "user-3")));
+        sorted.sort();
+        let type_len = type_prefix(KIND_SNAPSHOT, "t").len();
+        let listed = |len: usize, start: &str| -> Vec<&str> {
+            let group = keys_of_length(KIND_SNAPSHOT, "t", len, start.as_bytes());
+            sorted
+                .iter()
+                .filter(|k| k.starts_with(&group))
+                .map(|k| std::str::from_utf8(key_after_type_prefix(k, type_len).unwrap()).unwrap())
+                .collect()
+        };
+        assert_eq!(listed(6, "user-"), vec!["user-1", "user-2"]);
+        assert_eq!(listed(7, "user-"), vec!["user-10"]);
+        assert_eq!(listed(5, "user-"), vec!["user-"]);
+        assert_eq!(listed(5, ""), vec!["admin", "user-", "userx"]);
+        let all_of_t = sorted
             .iter()
-            .filter(|k| k.starts_with(&prefix))
-            .map(|k| std::str::from_utf8(&k[exists_key_offset("t")..]).unwrap())
-            .collect();
-        assert_eq!(listed, vec!["user-1", "user-10", "user-2"]);
-        let all_of_t = index
-            .iter()
-            .filter(|k| k.starts_with(&exists_prefix("t", "")))
+            .filter(|k| k.starts_with(&type_prefix(KIND_SNAPSHOT, "t")))
             .count();
         assert_eq!(all_of_t, keys.len());
+    }
+
+    #[test]
+    fn the_entity_key_follows_the_type_prefix() {
+        let e = id("counter", "k\u{0}ey");
+        let type_len = type_prefix(KIND_EVENT, "counter").len();
+        assert_eq!(
+            key_after_type_prefix(&event_key(&e, 9), type_len),
+            Some("k\u{0}ey".as_bytes())
+        );
+        let snapshot = snapshot_key(&e);
+        assert_eq!(
+            key_after_type_prefix(&snapshot, type_len),
+            Some("k\u{0}ey".as_bytes())
+        );
+        assert_eq!(
+            key_after_type_prefix(&snapshot[..snapshot.len() - 1], type_len),
+            None
+        );
+        assert_eq!(
+            key_after_type_prefix(&snapshot[..type_len + 1], type_len),
+            None
+        );
+    }
+
+    #[test]
+    fn a_prefix_successor_is_past_every_key_with_the_prefix_and_no_further() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(&[1, 0xFF, 0xFF]), Some(vec![2]));
+        assert_eq!(prefix_successor(&[0xFF, 0xFF]), None);
+        assert_eq!(prefix_successor(b""), None);
+        let prefix = event_prefix(&id("t", "k"));
+        let successor = prefix_successor(&prefix).unwrap();
+        let e = id("t", "k");
+        for key in [
+            event_key(&e, u64::MAX),
+            event_run_key(&event_key(&e, u64::MAX), 1),
+        ] {
+            assert!(key < successor);
+        }
+        // The next entity of the same key length sorts at or after it.
+        assert!(event_key(&id("t", "l"), 0) >= successor);
     }
 
     #[test]
@@ -352,12 +427,15 @@ mod tests {
         let mut all = vec![
             snapshot_key(&e),
             event_key(&e, 1),
-            exists_key(&e),
             corrupt_key(&e),
             timer_index_key(1, &e, b"n"),
         ];
         all.extend(RecordKind::ALL.map(|kind| record_key(kind, &e, b"n")));
         for (i, a) in all.iter().enumerate() {
+            assert_ne!(
+                a[0], KIND_RETIRED_EXISTS,
+                "a live kind reuses the retired byte"
+            );
             for b in &all[i + 1..] {
                 assert_ne!(a[0], b[0]);
             }
@@ -374,7 +452,7 @@ mod tests {
         for byte in [
             KIND_SNAPSHOT,
             KIND_EVENT,
-            KIND_EXISTS,
+            KIND_RETIRED_EXISTS,
             KIND_CORRUPT,
             KIND_TIMER_INDEX,
             0,

@@ -48,6 +48,7 @@ mod event_runs;
 mod fsync;
 pub mod journal;
 pub mod keys;
+mod listing;
 mod overlay;
 mod record;
 pub mod recovery;

@@ -22,6 +22,7 @@ use super::event_runs::decode_events;
 use super::fsync::sled_error;
 use super::journal::JournalPosition;
 use super::keys;
+use super::listing::{list_shard, ListQuery, Listing};
 use super::overlay::{Overlay, View};
 use super::record::decode_value;
 use super::{DueTimer, DueTimers, LoadedEntity, RecordKind, StoreError, StoredEntry};
@@ -409,40 +410,16 @@ impl State {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let prefix = keys::exists_prefix(entity_type, key_prefix);
-        let key_offset = keys::exists_key_offset(entity_type);
-        let lower = match start_after {
-            Some(after) => {
-                let after_key = keys::exists_prefix(entity_type, after);
-                if after_key >= prefix {
-                    std::ops::Bound::Excluded(after_key)
-                } else {
-                    std::ops::Bound::Included(prefix.clone())
-                }
-            }
-            None => std::ops::Bound::Included(prefix.clone()),
+        let query = ListQuery {
+            entity_type,
+            key_prefix,
+            start_after,
         };
-        let mut found: Vec<String> = Vec::new();
+        let mut listing = Listing::new(limit);
         for (n, shard) in self.shards.iter().enumerate() {
-            // Each tree yields its keys in order; at most `limit` from each can make the cut.
-            let view = shard.view();
-            for item in view.range_from(lower.clone()).take(limit) {
-                let (key, _) = item.map_err(|e| sled_error(format!("listing shard {n}"), e))?;
-                if !key.starts_with(&prefix) {
-                    break;
-                }
-                let entity_key = std::str::from_utf8(&key[key_offset..]).map_err(|_| {
-                    StoreError::Metadata(format!(
-                        "an existence key of type {entity_type} in shard {n} is not UTF-8"
-                    ))
-                })?;
-                found.push(entity_key.to_owned());
-            }
+            list_shard(&shard.view(), n, &query, &mut listing)?;
         }
-        found.sort_unstable();
-        found.dedup();
-        found.truncate(limit);
-        Ok(found)
+        Ok(listing.into_keys())
     }
 }
 
