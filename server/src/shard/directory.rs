@@ -64,15 +64,13 @@ impl ShardContext {
 
     /// Routes a message to an entity of any shard, activating it if needed.
     pub fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
-        let behaviour = self.entities.registry.get(&id.entity_type).ok_or_else(|| {
-            EntityError::UnknownType {
-                name: id.entity_type.clone(),
-                known: self.entities.registry.type_names().join(", "),
-            }
-        })?;
         let shard = self.shard_of(id).ok_or(EntityError::ShuttingDown)?;
         shard
-            .route(id, &behaviour, envelope)
+            .route(
+                id,
+                || super::resolve_behaviour(&self.entities.registry, &id.entity_type),
+                envelope,
+            )
             .map_err(|undelivered| undelivered.error)
     }
 
@@ -102,7 +100,7 @@ impl ShardContext {
                     },
                     deadline: None,
                 };
-                match shard.route(&target, &behaviour, envelope) {
+                match shard.route(&target, || Ok(behaviour.clone()), envelope) {
                     Ok(()) => return,
                     Err(undelivered)
                         if matches!(undelivered.error, EntityError::MailboxFull { .. }) =>
@@ -215,7 +213,7 @@ impl Shard {
     pub fn route(
         self: &Arc<Self>,
         id: &EntityId,
-        behaviour: &Arc<dyn Behaviour>,
+        behaviour: impl Fn() -> Result<Arc<dyn Behaviour>, EntityError>,
         mut envelope: Envelope,
     ) -> Result<(), Box<Undelivered>> {
         loop {
@@ -231,7 +229,13 @@ impl Shard {
                 match state.directory.get(id) {
                     Some(handle) => handle.clone(),
                     None => {
-                        let handle = self.activate(id, behaviour);
+                        // Only an activation needs the behaviour: a message to an active
+                        // entity touches no registry (and no shared reference count).
+                        let behaviour = match behaviour() {
+                            Ok(behaviour) => behaviour,
+                            Err(error) => return Err(Undelivered::new(error, envelope)),
+                        };
+                        let handle = self.activate(id, &behaviour);
                         state.directory.insert(handle.id().clone(), handle.clone());
                         handle
                     }
@@ -458,7 +462,7 @@ impl EntityHost for Shard {
     fn reroute(&self, id: EntityId, behaviour: Arc<dyn Behaviour>, envelope: Envelope) {
         // `this` upgrades whenever `&self` is reachable, since shards live in Arcs only.
         let routed = match self.this.upgrade() {
-            Some(this) => this.route(&id, &behaviour, envelope),
+            Some(this) => this.route(&id, || Ok(behaviour.clone()), envelope),
             None => Err(Undelivered::new(EntityError::ShuttingDown, envelope)),
         };
         if let Err(undelivered) = routed {

@@ -628,9 +628,10 @@ impl Shards {
     }
 
     fn route(&self, id: &EntityId, envelope: Envelope) -> Result<(), EntityError> {
-        let (shard, behaviour) = self.locate(id)?;
+        id.validate()?;
+        let shard = &self.shards[self.shard_index(id) as usize];
         shard
-            .route(id, &behaviour, envelope)
+            .route(id, || self.behaviour(&id.entity_type), envelope)
             .map_err(|undelivered| undelivered.error)
     }
 
@@ -646,15 +647,21 @@ impl Shards {
     }
 
     fn behaviour(&self, entity_type: &str) -> Result<Arc<dyn Behaviour>, EntityError> {
-        self.context
-            .entities
-            .registry
-            .get(entity_type)
-            .ok_or_else(|| EntityError::UnknownType {
-                name: entity_type.to_owned(),
-                known: self.context.entities.registry.type_names().join(", "),
-            })
+        resolve_behaviour(&self.context.entities.registry, entity_type)
     }
+}
+
+/// The active version of `entity_type`'s behaviour, or the error that names the known types.
+fn resolve_behaviour(
+    registry: &BehaviourRegistry,
+    entity_type: &str,
+) -> Result<Arc<dyn Behaviour>, EntityError> {
+    registry
+        .get(entity_type)
+        .ok_or_else(|| EntityError::UnknownType {
+            name: entity_type.to_owned(),
+            known: registry.type_names().join(", "),
+        })
 }
 
 /// Asks every entity that took no message for `idle_timeout` to passivate, and every other
