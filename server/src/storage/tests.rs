@@ -720,6 +720,28 @@ async fn delete_removes_everything_and_a_new_incarnation_starts_fresh() {
     store.close().await.unwrap();
 }
 
+/// Every `counter` key starting with `prefix`, listed `page_size` at a time, each page after
+/// the last key of the one before.
+async fn list_every_page(store: &SledStore, prefix: &str, page_size: usize) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    loop {
+        let page = store
+            .list(
+                "counter",
+                prefix,
+                keys.last().map(String::as_str),
+                page_size,
+            )
+            .await
+            .unwrap();
+        assert!(page.len() <= page_size);
+        if page.is_empty() {
+            return keys;
+        }
+        keys.extend(page);
+    }
+}
+
 #[tokio::test]
 async fn list_pages_by_prefix_across_shards() {
     let root = tempfile::tempdir().unwrap();
@@ -751,21 +773,7 @@ async fn list_pages_by_prefix_across_shards() {
     users.push("user-snap".into());
     users.sort();
 
-    let mut pages = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .list("counter", "user-", after.as_deref(), 7)
-            .await
-            .unwrap();
-        if page.is_empty() {
-            break;
-        }
-        assert!(page.len() <= 7);
-        after = page.last().cloned();
-        pages.extend(page);
-    }
-    assert_eq!(pages, users);
+    assert_eq!(list_every_page(&store, "user-", 7).await, users);
     assert_eq!(
         store.list("counter", "", None, 100).await.unwrap().len(),
         users.len() + 1
@@ -877,18 +885,10 @@ async fn list_matches_a_model_across_lengths_kinds_and_shards() {
             "prefix {prefix:?} after {after:?} limit {limit}"
         );
     }
-    let mut paged = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store
-            .list("counter", "", after.as_deref(), 3)
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.clone());
-        paged.extend(page);
-    }
-    assert_eq!(paged, model("", None, usize::MAX));
+    assert_eq!(
+        list_every_page(&store, "", 3).await,
+        model("", None, usize::MAX)
+    );
     store.close().await.unwrap();
 }
 
