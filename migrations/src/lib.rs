@@ -121,6 +121,9 @@ const EXISTENCE_INDEX_KIND: u8 = b'e';
 /// How many keys one sled batch of [`drop_existence_index`] removes.
 const REMOVAL_BATCH_KEYS: usize = 10_000;
 
+/// [`drop_existence_index`] logs its progress every this many keys removed.
+const PROGRESS_EVERY_KEYS: u64 = 1_000_000;
+
 /// Removes every existence index key from every shard tree, a batch at a time. Running it
 /// again after an interruption removes what is left.
 fn drop_existence_index(db: &sled::Db) -> Result<(), MigrationError> {
@@ -155,7 +158,12 @@ fn drop_existence_index(db: &sled::Db) -> Result<(), MigrationError> {
             }
             tree.apply_batch(batch)
                 .map_err(|e| failed(format!("removing keys from tree {tree_name}: {e}")))?;
+            let before = removed;
             removed += in_batch as u64;
+            // A large data dir takes a while (about 200,000 keys a second): show progress.
+            if removed / PROGRESS_EVERY_KEYS > before / PROGRESS_EVERY_KEYS {
+                info!(removed, tree = %tree_name, "dropping the existence index");
+            }
         }
     }
     info!(removed, "existence index dropped");
