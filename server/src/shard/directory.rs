@@ -208,8 +208,10 @@ impl Shard {
         })
     }
 
-    /// Delivers a message to the entity, activating it if needed. A full mailbox is refused
-    /// at once (back-pressure). On error the envelope comes back, unanswered.
+    /// Delivers a message to the entity, activating it if needed with the behaviour
+    /// `behaviour` gives (asked only then, under the shard's lock; its error, e.g. an unknown
+    /// type, refuses the message). A full mailbox is refused at once (back-pressure). On
+    /// error the envelope comes back, unanswered.
     pub fn route(
         self: &Arc<Self>,
         id: &EntityId,
