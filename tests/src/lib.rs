@@ -562,6 +562,11 @@ pub fn test_server_bin() -> PathBuf {
     existing_bin("statehouse-test-server")
 }
 
+/// `statehouse-noop-server`: the benchmark baseline whose handlers do nothing.
+pub fn noop_server_bin() -> PathBuf {
+    existing_bin("statehouse-noop-server")
+}
+
 /// The `statehouse` CLI binary under test.
 pub fn cli_bin() -> PathBuf {
     existing_bin("statehouse")

@@ -2,10 +2,11 @@
 //! reports sane numbers, a count-bounded run sends exactly its count, and bad options are
 //! refused before anything is sent. These check that the bench reports, not how fast.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use statehouse_tests::{cli_bin, TestServer};
+use statehouse_tests::{cli_bin, noop_server_bin, parse_listening, TestServer};
 
 /// The options every smoke run shares: short, small, JSON.
 const SMOKE: &[&str] = &[
@@ -131,6 +132,57 @@ async fn every_workload_reports_throughput_and_ordered_percentiles() {
         .await
         .expect("list the lua counters");
     assert!(!lua.is_empty() && lua.len() <= 20, "{lua:?}");
+}
+
+/// The baseline server answers the `incr` workload's calls, unary and pipelined, without
+/// errors, and refuses what it does not serve.
+#[test]
+fn the_noop_baseline_answers_increments_unary_and_pipelined() {
+    let mut noop = KillOnDrop(
+        Command::new(noop_server_bin())
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start statehouse-noop-server"),
+    );
+    let mut first_line = String::new();
+    BufReader::new(noop.0.stdout.take().expect("its stdout"))
+        .read_line(&mut first_line)
+        .expect("read its first line");
+    let address =
+        parse_listening(&first_line).unwrap_or_else(|| panic!("no address in {first_line:?}"));
+    let url = format!("http://{address}");
+    let bench = |workload: &str, extra: &[&str]| {
+        let mut args = vec!["--server", url.as_str(), "bench", "--workload", workload];
+        args.extend_from_slice(&["--requests", "200", "--warmup", "0s", "--json"]);
+        args.extend_from_slice(extra);
+        Command::new(cli_bin())
+            .args(&args)
+            .output()
+            .expect("run the bench")
+    };
+    for extra in [&[][..], &["--pipeline"][..]] {
+        let run = bench("incr", extra);
+        assert!(run.status.success(), "{run:?}");
+        let report: Value = serde_json::from_slice(&run.stdout).expect("a JSON report");
+        check_report(&report, "incr");
+        assert_eq!(report["count"], 200, "{report:#}");
+    }
+    // `Get` is not served: every request fails, and the bench says so.
+    let run = bench("get", &["--keys", "3"]);
+    assert_eq!(run.status.code(), Some(1), "{run:?}");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("UNIMPLEMENTED"), "{stderr}");
+}
+
+/// A child process killed (and reaped) when the test ends, also when it fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
