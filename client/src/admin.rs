@@ -280,6 +280,9 @@ pub struct ServerStats {
     pub state_disk_bytes: u64,
     pub journal_disk_bytes: u64,
     pub journal_segments: u64,
+    /// Stored replies past their retention window that passive entities forgot when the
+    /// server's sweep asked them.
+    pub replies_forgotten: u64,
 }
 
 impl From<statehouse_proto::v1::ServerStatsResponse> for ServerStats {
@@ -301,6 +304,7 @@ impl From<statehouse_proto::v1::ServerStatsResponse> for ServerStats {
             state_disk_bytes: wire.state_disk_bytes,
             journal_disk_bytes: wire.journal_disk_bytes,
             journal_segments: wire.journal_segments,
+            replies_forgotten: wire.replies_forgotten,
         }
     }
 }
@@ -336,6 +340,7 @@ impl ServerStats {
             ("journal fsyncs", self.journal_fsyncs.to_string()),
             ("journal written", human_bytes(self.journal_bytes_written)),
             ("checkpoints", self.checkpoints.to_string()),
+            ("replies forgotten", self.replies_forgotten.to_string()),
             ("disk state", human_bytes(self.state_disk_bytes)),
             (
                 "disk journal",
@@ -492,6 +497,7 @@ mod tests {
             state_disk_bytes: 5 * 1024 * 1024 * 1024,
             journal_disk_bytes: 64 * 1024 * 1024,
             journal_segments: 1,
+            replies_forgotten: 7,
         }
     }
 
@@ -514,6 +520,7 @@ mod tests {
             "{rendered}"
         );
         assert!(lines.contains(&"  hibernating           900"), "{rendered}");
+        assert!(lines.contains(&"replies forgotten       7"), "{rendered}");
         // 3 MiB over 1000 entities.
         assert!(
             lines.contains(&"  per active entity     3.1 KiB"),

@@ -36,6 +36,8 @@ pub struct ServerStats {
     pub resident_bytes: Option<u64>,
     /// The allocator's figures, `None` without a probe.
     pub allocator: Option<AllocatorStats>,
+    /// Stored replies past their window that passive entities forgot, asked by the sweep.
+    pub replies_forgotten: u64,
     pub store: StoreStats,
     pub disk: DiskUsage,
 }
@@ -67,6 +69,7 @@ impl StatsSource {
             entities_hibernating,
             resident_bytes: resident_bytes(),
             allocator: self.allocator.and_then(|probe| probe()),
+            replies_forgotten: shards.replies_forgotten(),
             store,
             disk,
         })

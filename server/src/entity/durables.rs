@@ -102,6 +102,20 @@ impl Durables {
         }
     }
 
+    /// Forgets the stored replies past their retention window at `now_ms`, and returns the
+    /// removals owed: theirs and those of replies found expired at activation.
+    pub fn forget_expired_replies(&mut self, now_ms: u64, config: &EntityConfig) -> Vec<Op> {
+        let mut ops = self.take_owed();
+        if let Some(replies) = &mut self.replies {
+            let (window_ms, max) = retention(config);
+            replies.prune(now_ms, window_ms, max, &mut ops);
+            if replies.len() == 0 {
+                self.replies = None;
+            }
+        }
+        ops
+    }
+
     /// The records, allocated on first use: setting timers, storing replies and accepting
     /// inbox items go through here.
     pub fn records_mut(&mut self) -> &mut Records {
@@ -468,6 +482,35 @@ mod tests {
                 name: b"old".to_vec()
             }]
         );
+    }
+
+    #[test]
+    fn forgetting_expired_replies_owes_the_loaded_and_the_since_expired_ones() {
+        let id = EntityId::new("t", "k").unwrap();
+        let config = config(10, 100);
+        let entry = |name: &str, at_ms| StoredEntry {
+            kind: RecordKind::Dedup,
+            name: name.as_bytes().to_vec(),
+            value: records::encode(&id, &reply(at_ms)).unwrap(),
+        };
+        let loaded = [entry("old", 1), entry("later", 950), entry("new", 990)];
+        let mut durables = Durables::load(&id, &loaded, 1000, &config).unwrap();
+        let remove = |name: &str| Op::RemoveRecord {
+            kind: RecordKind::Dedup,
+            name: name.as_bytes().to_vec(),
+        };
+        // At 1060, "later" has expired since activation; "new" has not.
+        assert_eq!(
+            durables.forget_expired_replies(1060, &config),
+            vec![remove("old"), remove("later")]
+        );
+        assert!(durables.has_stored_reply("new") && !durables.has_stored_reply("later"));
+        assert!(durables.forget_expired_replies(1060, &config).is_empty());
+        assert_eq!(
+            durables.forget_expired_replies(1100, &config),
+            vec![remove("new")]
+        );
+        assert!(durables.replies.is_none(), "an empty list is dropped");
     }
 
     #[test]

@@ -114,6 +114,11 @@ pub enum Request {
     Delete {
         reply: oneshot::Sender<Result<bool, EntityError>>,
     },
+    /// From the stored-reply sweep: durably forget the stored replies past their retention
+    /// window, then passivate if nothing waits. The reply is how many were forgotten.
+    ForgetExpiredReplies {
+        reply: oneshot::Sender<Result<usize, EntityError>>,
+    },
 }
 
 /// A request in a mailbox, with the instant after which nobody waits for its answer.
@@ -132,6 +137,9 @@ impl Envelope {
                 let _ = reply.send(Err(error));
             }
             Request::Delete { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            Request::ForgetExpiredReplies { reply } => {
                 let _ = reply.send(Err(error));
             }
             Request::Stop { reply: Some(reply) } => {

@@ -717,8 +717,11 @@ impl Process {
     }
 
     async fn handle(&mut self, envelope: Envelope) -> Next {
-        // The idle sweep's questions are not activity.
-        if !matches!(envelope.request, Request::Idle | Request::Hibernate) {
+        // The sweeps' questions are not activity.
+        if !matches!(
+            envelope.request,
+            Request::Idle | Request::Hibernate | Request::ForgetExpiredReplies { .. }
+        ) {
             self.shared.last_active.store(clock_ms(), Ordering::Relaxed);
         }
         if envelope.expired() {
@@ -800,6 +803,9 @@ impl Process {
             Request::Wake => Next::Continue,
             Request::Idle => self.idle_check(),
             Request::Hibernate => self.hibernate_check(),
+            Request::ForgetExpiredReplies { reply } => {
+                Box::pin(self.forget_expired_replies(reply)).await
+            }
             Request::Watch { reply } => {
                 let subscribed = self.subscribe().await;
                 let _ = reply.send(subscribed);
@@ -832,11 +838,35 @@ impl Process {
     fn idle_check(&self) -> Next {
         let idle_ms = clock_ms().saturating_sub(self.shared.last_active.load(Ordering::Relaxed));
         let idle = idle_ms >= self.context.config.idle_timeout.as_millis() as u64
-            && self.pending.is_empty()
-            && self.inbox.is_empty()
-            && !self.durables.has_inbox()
+            && self.nothing_waits()
             && !self.watched();
         if idle {
+            Next::Passivate
+        } else {
+            Next::Continue
+        }
+    }
+
+    /// The stored-reply sweep asks: write the removals of the stored replies past their
+    /// window (found so at activation, or since), then passivate if nothing waits. The sweep
+    /// asks only entities that were not active, so this activation is most likely its own;
+    /// one that took messages meanwhile passivates too if idle now, and its next message
+    /// activates it again.
+    async fn forget_expired_replies(
+        &mut self,
+        reply: oneshot::Sender<Result<usize, EntityError>>,
+    ) -> Next {
+        let ops = self
+            .durables
+            .forget_expired_replies(now_unix_ms(), &self.context.config);
+        let forgotten = ops.len();
+        let committed = if ops.is_empty() {
+            Ok(())
+        } else {
+            self.commit(ops).await
+        };
+        let _ = reply.send(committed.map(|()| forgotten));
+        if self.nothing_waits() && !self.watched() {
             Next::Passivate
         } else {
             Next::Continue
@@ -846,11 +876,16 @@ impl Process {
     /// Hibernate if nothing waits: no turn in the output gate, no message, nothing in the
     /// durable inbox. Watchers may stay: they hold their own end of the feed.
     fn hibernate_check(&self) -> Next {
-        if self.pending.is_empty() && self.inbox.is_empty() && !self.durables.has_inbox() {
+        if self.nothing_waits() {
             Next::Hibernate
         } else {
             Next::Continue
         }
+    }
+
+    /// No turn in the output gate, no message, nothing in the durable inbox.
+    fn nothing_waits(&self) -> bool {
+        self.pending.is_empty() && self.inbox.is_empty() && !self.durables.has_inbox()
     }
 
     /// The stored reply of a request id seen before, as a call's answer; an error if it

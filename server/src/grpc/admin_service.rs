@@ -64,6 +64,7 @@ fn stats_to_wire(stats: ServerStats) -> ServerStatsResponse {
         state_disk_bytes: stats.disk.state_bytes,
         journal_disk_bytes: stats.disk.journal_bytes,
         journal_segments: stats.disk.journal_segments,
+        replies_forgotten: stats.replies_forgotten,
     }
 }
 

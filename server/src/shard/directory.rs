@@ -47,6 +47,8 @@ pub(super) struct ShardContext {
     pub postman: OnceLock<Postman>,
     /// Ends the postman and the timer services at shutdown.
     pub cancel: CancellationToken,
+    /// Stored replies the entities forgot when the stored-reply sweep asked them.
+    pub replies_forgotten: AtomicU64,
     /// What every entity process shares, and the shards use too: the store, the entity
     /// settings, the types (also to route `DOWN`s to watchers) and the tracker of every
     /// entity task (so shutdown can wait for them all).
@@ -72,6 +74,12 @@ impl ShardContext {
                 envelope,
             )
             .map_err(|undelivered| undelivered.error)
+    }
+
+    /// Whether the entity is active (in its shard's directory) right now.
+    pub fn is_active(&self, id: &EntityId) -> bool {
+        self.shard_of(id)
+            .is_some_and(|shard| shard.active(id).is_some())
     }
 
     fn shard_of(&self, id: &EntityId) -> Option<Arc<Shard>> {

@@ -1,7 +1,9 @@
 //! Shards: key → shard routing and the operations the API offers on entities.
 //!
 //! **Owns**: the stable address → shard hash ([`hash`]), each shard's directory of active
-//! entities ([`directory`]), and [`Shards`], the one entry point `grpc/` calls.
+//! entities ([`directory`]), the background services over every shard (the idle sweep, the
+//! timer services, the postman, the stored-reply sweep `reply_sweep`), and [`Shards`], the
+//! one entry point `grpc/` calls.
 //! **May call**: `entity/` (spawn, mailboxes, recovery), `behaviour/` (the registry) and
 //! `storage/` (reads of passive entities, listing). Knows nothing about protobuf.
 //!
@@ -14,6 +16,7 @@
 mod directory;
 pub mod hash;
 mod postman;
+mod reply_sweep;
 mod timers;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -92,6 +95,7 @@ impl Shards {
             entities,
             closing: AtomicBool::new(false),
             generations: AtomicU64::new(0),
+            replies_forgotten: AtomicU64::new(0),
             postman: OnceLock::new(),
             cancel: CancellationToken::new(),
         });
@@ -111,6 +115,7 @@ impl Shards {
             context.entities.config.hibernate_after,
             context.cancel.clone(),
         ));
+        tokio::spawn(reply_sweep::run(context.clone(), context.cancel.clone()));
         for shard in &shards {
             tokio::spawn(timers::run(
                 context.clone(),
@@ -596,6 +601,18 @@ impl Shards {
     pub fn entity_counts(&self) -> (u64, u64) {
         let hibernating = self.context.entities.hibernating.load(Ordering::Relaxed);
         (self.active_count() as u64, hibernating)
+    }
+
+    /// Stored replies past their window that passive entities forgot when the stored-reply
+    /// sweep asked them, since the server started.
+    pub fn replies_forgotten(&self) -> u64 {
+        self.context.replies_forgotten.load(Ordering::Relaxed)
+    }
+
+    /// One pass of the stored-reply sweep over every shard, now; returns how many replies
+    /// were forgotten. (The sweep also runs by itself, every quarter retention window.)
+    pub async fn sweep_expired_replies(&self) -> u64 {
+        reply_sweep::sweep(&self.context).await
     }
 
     /// How many shards there are.

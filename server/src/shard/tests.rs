@@ -1574,3 +1574,66 @@ async fn the_memory_store_keeps_records_like_the_real_one() {
     }
     assert_eq!(store.due_timers(1, None, 9, 10).await.unwrap().due.len(), 1);
 }
+
+#[tokio::test]
+async fn the_sweep_forgets_expired_replies_of_passive_entities_only() {
+    let store = Arc::new(MemoryStore::default());
+    let window = Duration::from_secs(1);
+    let shards = shards_on(
+        store.clone(),
+        EntityConfig {
+            dedup_window: window,
+            ..config()
+        },
+    );
+    let incr = || json!({"op": "incr"});
+    let stored_replies = |key: &str| {
+        let id = counter(key);
+        let shard = hash::shard_of(&id, store.shard_count());
+        let store = store.clone();
+        async move {
+            store
+                .entity_records(shard, &id, RecordKind::Dedup)
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    // "old" stores a reply and passivates; "busy" stores one and stays active.
+    for key in ["old", "busy"] {
+        shards
+            .call(counter(key), incr(), None, Some("r-1".into()))
+            .await
+            .unwrap();
+    }
+    assert!(shards.stop(counter("old")).await.unwrap());
+    // Both replies are past their window once it has passed: only wall-clock time does that.
+    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    // "fresh" stores one now, within its window, and passivates.
+    shards
+        .call(counter("fresh"), incr(), None, Some("r-1".into()))
+        .await
+        .unwrap();
+    assert!(shards.stop(counter("fresh")).await.unwrap());
+
+    // (The sweep's own task may have asked "old" already: count what was forgotten in all.)
+    shards.sweep_expired_replies().await;
+    assert_eq!(shards.replies_forgotten(), 1);
+    assert_eq!(stored_replies("old").await, 0);
+    // An active entity forgets its own as it goes; a reply within its window stays.
+    assert_eq!(stored_replies("busy").await, 1);
+    assert_eq!(stored_replies("fresh").await, 1);
+    // The swept entity passivated again, its state intact.
+    eventually("old passivates after forgetting", || {
+        shards.active_count() == 1
+    })
+    .await;
+    let (view, active) = shards.get(counter("old")).await.unwrap();
+    assert_eq!(
+        (view.state, view.seq, active),
+        (json!({"value": 1}), 1, false)
+    );
+    // A second pass finds nothing more to forget.
+    assert_eq!(shards.sweep_expired_replies().await, 0);
+    assert_eq!(shards.replies_forgotten(), 1);
+}
