@@ -616,6 +616,24 @@ impl CliRun {
     }
 }
 
+/// Opens the sled database of a stopped server's data dir, to look at what it left on disk
+/// (the server holds sled's lock while it runs).
+pub fn open_stopped_state(server: &TestServer) -> sled::Db {
+    sled::Config::new()
+        .path(server.data_dir().join("state"))
+        .open()
+        .expect("open the stopped server's sled database")
+}
+
+/// The shard trees (`shard-N`) of a data dir's sled database.
+pub fn shard_trees(db: &sled::Db) -> Vec<sled::Tree> {
+    db.tree_names()
+        .into_iter()
+        .filter(|name| name.starts_with(b"shard-"))
+        .map(|name| db.open_tree(name).expect("open a shard tree"))
+        .collect()
+}
+
 /// The seed of a randomised test: `$STATEHOUSE_TEST_SEED` if set, else a fresh one. It is
 /// printed, so a failing run can be repeated with `STATEHOUSE_TEST_SEED=<seed>`.
 pub fn test_seed() -> u64 {

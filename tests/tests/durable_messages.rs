@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use statehouse_client::{CallOptions, CastOptions, Client};
-use statehouse_tests::{test_seed, TestServer};
+use statehouse_tests::{open_stopped_state, shard_trees, test_seed, TestServer};
 
 /// How long a condition may take to become true before the test fails.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -552,4 +552,52 @@ async fn thousands_of_timers_due_during_downtime_all_fire_once() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Stored replies do not outlive their window on disk: entities that passivated with them are
+/// asked by the server's sweep to forget them, and the data dir ends up without them.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_stored_replies_of_passive_entities_are_swept_from_disk() {
+    let mut server = TestServer::start_with(&[
+        "--dedup-window-ms",
+        "1000",
+        "--idle-timeout-ms",
+        "200",
+        "--hibernate-after-ms",
+        "0",
+    ]);
+    let client = server.client().await;
+    // The client gives every call a request id: each leaves a stored reply.
+    let keys: Vec<String> = (0..20).map(|n| format!("swept-{n}")).collect();
+    for key in &keys {
+        client.counter(key.as_str()).incr(1).await.unwrap();
+    }
+    // Each passivates (idle 200 ms), its reply expires (1 s), and a sweep (every second)
+    // asks it to forget it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let forgotten = client.server_stats().await.unwrap().replies_forgotten;
+        if forgotten >= keys.len() as u64 {
+            assert_eq!(forgotten, keys.len() as u64);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {forgotten} replies forgotten\n{}",
+            server.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for key in &keys {
+        let got = client.get("counter", key).await.unwrap();
+        assert_eq!((got.state, got.seq), (json!({"value": 1}), 1), "{key}");
+    }
+    server.terminate();
+
+    let db = open_stopped_state(&server);
+    let left: usize = shard_trees(&db)
+        .iter()
+        .map(|tree| tree.scan_prefix(b"d").count())
+        .sum();
+    assert_eq!(left, 0, "stored replies left on disk");
 }

@@ -3,23 +3,7 @@
 
 use serde_json::json;
 use statehouse_migrations::{CURRENT_FORMAT_VERSION, FORMAT_VERSION_KEY, META_TREE};
-use statehouse_tests::TestServer;
-
-/// Opens the stopped server's sled database (the server holds its lock while it runs).
-fn open_state(server: &TestServer) -> sled::Db {
-    sled::Config::new()
-        .path(server.data_dir().join("state"))
-        .open()
-        .expect("open the stopped server's sled database")
-}
-
-fn shard_trees(db: &sled::Db) -> Vec<sled::Tree> {
-    db.tree_names()
-        .into_iter()
-        .filter(|name| name.starts_with(b"shard-"))
-        .map(|name| db.open_tree(name).expect("open a shard tree"))
-        .collect()
-}
+use statehouse_tests::{open_stopped_state, shard_trees, TestServer};
 
 /// Format version 2 kept an existence index: an `e` key (type, then the bare key) per entity.
 fn existence_key(entity_type: &str, key: &str) -> Vec<u8> {
@@ -45,7 +29,7 @@ async fn a_format_2_data_dir_loses_its_existence_index_and_lists_the_same() {
     // Make it look like version 2 wrote it: the index of every entity it had (and a stale
     // entry of the deleted one, which no listing may show), and the version.
     {
-        let db = open_state(&server);
+        let db = open_stopped_state(&server);
         let shards = shard_trees(&db);
         assert!(!shards.is_empty());
         for (n, key) in keys.iter().chain(&["gone"]).enumerate() {
@@ -78,7 +62,7 @@ async fn a_format_2_data_dir_loses_its_existence_index_and_lists_the_same() {
     }
     server.terminate();
 
-    let db = open_state(&server);
+    let db = open_stopped_state(&server);
     for tree in shard_trees(&db) {
         assert_eq!(tree.scan_prefix(b"e").count(), 0, "an index key survived");
     }
