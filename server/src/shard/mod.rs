@@ -612,7 +612,7 @@ impl Shards {
     /// One pass of the stored-reply sweep over every shard, now; returns how many replies
     /// were forgotten. (The sweep also runs by itself, every quarter retention window.)
     pub async fn sweep_expired_replies(&self) -> u64 {
-        reply_sweep::sweep(&self.context).await
+        reply_sweep::sweep(&self.context, &self.context.cancel).await
     }
 
     /// How many shards there are.
