@@ -5,20 +5,26 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
+
 /// The longest entity type name accepted, in bytes.
 pub const TYPE_BYTES_MAX: usize = 128;
 /// The longest entity key accepted, in bytes.
 pub const KEY_BYTES_MAX: usize = 1024;
 
 /// Addresses one entity: its behaviour type and its key within that type.
+///
+/// Both parts are [`CompactString`]s: up to 24 bytes they live inside the address itself,
+/// so an address of a typical type and key is one allocation (one cache line in an `Arc`),
+/// which is what a shard's directory compares on every message.
 #[derive(
     Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct EntityId {
     /// The behaviour type, e.g. `counter`.
-    pub entity_type: String,
+    pub entity_type: CompactString,
     /// The key, any UTF-8 string of 1 to [`KEY_BYTES_MAX`] bytes.
-    pub key: String,
+    pub key: CompactString,
 }
 
 /// Why an address was refused.
@@ -37,8 +43,8 @@ pub enum AddressError {
 impl EntityId {
     /// Builds an address, checking both parts against the limits.
     pub fn new(
-        entity_type: impl Into<String>,
-        key: impl Into<String>,
+        entity_type: impl Into<CompactString>,
+        key: impl Into<CompactString>,
     ) -> Result<Self, AddressError> {
         let id = EntityId {
             entity_type: entity_type.into(),

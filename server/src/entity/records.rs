@@ -130,7 +130,13 @@ pub fn parse_address_name(name: &[u8]) -> Option<(EntityId, &[u8])> {
     }
     let key = parts.pop()?;
     let entity_type = parts.pop()?;
-    Some((EntityId { entity_type, key }, rest))
+    Some((
+        EntityId {
+            entity_type: entity_type.into(),
+            key: key.into(),
+        },
+        rest,
+    ))
 }
 
 /// The outbox name of the message `pair_seq` to `to`: ordered by target, then sequence.

@@ -172,8 +172,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ResetEntityResponse>, Status> {
         let request = request.into_inner();
         let id = EntityId {
-            entity_type: request.r#type,
-            key: request.key,
+            entity_type: request.r#type.into(),
+            key: request.key.into(),
         };
         let was_quarantined = self.shards.reset(id).await?;
         Ok(Response::new(ResetEntityResponse { was_quarantined }))
@@ -211,7 +211,13 @@ impl AdminService for AdminApi {
                         "invalid page token: pass the next_page_token of the previous page",
                     )
                 })?;
-            Some((EntityId { entity_type, key }, id))
+            Some((
+                EntityId {
+                    entity_type: entity_type.into(),
+                    key: key.into(),
+                },
+                id,
+            ))
         };
         let mut found = self
             .shards
@@ -229,8 +235,8 @@ impl AdminService for AdminApi {
         let dead_letters = found
             .into_iter()
             .map(|d| WireDeadLetter {
-                r#type: d.entity.entity_type,
-                key: d.entity.key,
+                r#type: d.entity.entity_type.into(),
+                key: d.entity.key.into(),
                 id: d.id,
                 kind: d.kind,
                 message: Some(json_to_proto(d.message)),
@@ -252,8 +258,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<RedriveDeadLetterResponse>, Status> {
         let request = request.into_inner();
         let id = EntityId {
-            entity_type: request.r#type,
-            key: request.key,
+            entity_type: request.r#type.into(),
+            key: request.key.into(),
         };
         if !self.shards.redrive(id.clone(), request.id.clone()).await? {
             return Err(Status::not_found(format!(
@@ -270,8 +276,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<DiscardDeadLetterResponse>, Status> {
         let request = request.into_inner();
         let id = EntityId {
-            entity_type: request.r#type,
-            key: request.key,
+            entity_type: request.r#type.into(),
+            key: request.key.into(),
         };
         let existed = self.shards.discard(id, request.id).await?;
         Ok(Response::new(DiscardDeadLetterResponse { existed }))

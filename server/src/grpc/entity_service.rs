@@ -39,7 +39,10 @@ impl EntityApi {
 
 /// The address as sent; `shard/` validates it.
 fn address(entity_type: String, key: String) -> EntityId {
-    EntityId { entity_type, key }
+    EntityId {
+        entity_type: entity_type.into(),
+        key: key.into(),
+    }
 }
 
 /// Calls in flight on one `Pipeline` stream, at most: past it the server stops reading the

@@ -258,7 +258,7 @@ impl Shards {
                         .map(|(id, entry)| (id.clone(), entry.name.clone()));
                     for (id, entry) in page {
                         if let DeadLetterFilter::Type(entity_type) = &filter {
-                            if &id.entity_type != entity_type {
+                            if id.entity_type != *entity_type {
                                 continue;
                             }
                         }
@@ -529,8 +529,8 @@ impl Shards {
             n => n.min(LIST_PAGE_SIZE_MAX),
         };
         let listing_id = EntityId {
-            entity_type: entity_type.to_owned(),
-            key: key_prefix.to_owned(),
+            entity_type: entity_type.into(),
+            key: key_prefix.into(),
         };
         let mut keys = self
             .context

@@ -174,7 +174,7 @@ impl Store for MemoryStore {
             .keys()
             .filter(|id| id.entity_type == entity_type && id.key.starts_with(prefix))
             .filter(|id| after.is_none_or(|after| id.key.as_str() > after))
-            .map(|id| id.key.clone())
+            .map(|id| id.key.to_string())
             .take(limit)
             .collect())
     }
@@ -393,7 +393,7 @@ async fn refusals_write_nothing() {
         .call(
             EntityId {
                 entity_type: "counter".into(),
-                key: String::new(),
+                key: "".into(),
             },
             json!({}),
             None,

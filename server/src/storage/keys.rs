@@ -607,7 +607,7 @@ mod tests {
             .iter()
             .map(|k| {
                 let t = decode_timer_index_key(k).unwrap();
-                (t.due_ms, t.entity.entity_type, t.name)
+                (t.due_ms, t.entity.entity_type.to_string(), t.name)
             })
             .collect();
         assert_eq!(

@@ -979,7 +979,7 @@ async fn bad_requests_are_refused_and_write_nothing() {
         shard: 0,
         entity: EntityId {
             entity_type: "counter".into(),
-            key: String::new(),
+            key: "".into(),
         },
         ops: vec![event(1)],
     };
