@@ -458,15 +458,28 @@ mod tests {
         assert!(matches!(err, EntityError::Corrupt { .. }), "{err}");
     }
 
+    /// The stored reply record `name` of `id`, committed at `at_ms`, as storage holds it.
+    fn stored_reply_entry(id: &EntityId, name: &str, at_ms: u64) -> StoredEntry {
+        StoredEntry {
+            kind: RecordKind::Dedup,
+            name: name.as_bytes().to_vec(),
+            value: records::encode(id, &reply(at_ms)).unwrap(),
+        }
+    }
+
+    /// The removal of stored reply `name`.
+    fn forget(name: &str) -> Op {
+        Op::RemoveRecord {
+            kind: RecordKind::Dedup,
+            name: name.as_bytes().to_vec(),
+        }
+    }
+
     #[test]
     fn loading_forgets_expired_replies_with_the_next_batch() {
         let id = EntityId::new("t", "k").unwrap();
         let config = config(10, 100);
-        let entry = |name: &str, at_ms| StoredEntry {
-            kind: RecordKind::Dedup,
-            name: name.as_bytes().to_vec(),
-            value: records::encode(&id, &reply(at_ms)).unwrap(),
-        };
+        let entry = |name: &str, at_ms| stored_reply_entry(&id, name, at_ms);
         let mut durables =
             Durables::load(&id, &[entry("old", 1), entry("new", 950)], 1000, &config).unwrap();
         assert!(durables.stored_reply(&id, "old").is_none());
@@ -475,40 +488,26 @@ mod tests {
             durables.stored_reply(&id, "new").unwrap().unwrap(),
             reply(950)
         );
-        assert_eq!(
-            durables.take_owed(),
-            vec![Op::RemoveRecord {
-                kind: RecordKind::Dedup,
-                name: b"old".to_vec()
-            }]
-        );
+        assert_eq!(durables.take_owed(), vec![forget("old")]);
     }
 
     #[test]
     fn forgetting_expired_replies_owes_the_loaded_and_the_since_expired_ones() {
         let id = EntityId::new("t", "k").unwrap();
         let config = config(10, 100);
-        let entry = |name: &str, at_ms| StoredEntry {
-            kind: RecordKind::Dedup,
-            name: name.as_bytes().to_vec(),
-            value: records::encode(&id, &reply(at_ms)).unwrap(),
-        };
+        let entry = |name: &str, at_ms| stored_reply_entry(&id, name, at_ms);
         let loaded = [entry("old", 1), entry("later", 950), entry("new", 990)];
         let mut durables = Durables::load(&id, &loaded, 1000, &config).unwrap();
-        let remove = |name: &str| Op::RemoveRecord {
-            kind: RecordKind::Dedup,
-            name: name.as_bytes().to_vec(),
-        };
         // At 1060, "later" has expired since activation; "new" has not.
         assert_eq!(
             durables.forget_expired_replies(1060, &config),
-            vec![remove("old"), remove("later")]
+            vec![forget("old"), forget("later")]
         );
         assert!(durables.has_stored_reply("new") && !durables.has_stored_reply("later"));
         assert!(durables.forget_expired_replies(1060, &config).is_empty());
         assert_eq!(
             durables.forget_expired_replies(1100, &config),
-            vec![remove("new")]
+            vec![forget("new")]
         );
         assert!(durables.replies.is_none(), "an empty list is dropped");
     }
