@@ -46,6 +46,9 @@ struct MemoryStore {
     /// Commits waiting at the gate.
     gated: AtomicUsize,
     fail_commits: AtomicBool,
+    /// Entities whose records fail a scan that reaches them, as a record failing its
+    /// checksum fails the real store's scan.
+    corrupt_in_scans: Mutex<Vec<EntityId>>,
 }
 
 #[async_trait]
@@ -120,14 +123,24 @@ impl Store for MemoryStore {
             None => Bound::Included((shard, Vec::new())),
         };
         let records = self.records.lock();
-        Ok(records
+        let corrupt = self.corrupt_in_scans.lock();
+        let mut found = Vec::new();
+        for ((_, _), (entity, entry)) in records
             .records
             .range((lower, Bound::Unbounded))
             .take_while(|((s, _), _)| *s == shard)
             .filter(|(_, (_, entry))| entry.kind == kind)
             .take(limit)
-            .map(|(_, found)| found.clone())
-            .collect())
+        {
+            if corrupt.contains(entity) {
+                return Err(StoreError::CorruptEntity {
+                    entity: entity.clone(),
+                    detail: "a record failed its checksum (injected)".into(),
+                });
+            }
+            found.push((entity.clone(), entry.clone()));
+        }
+        Ok(found)
     }
 
     async fn due_timers(
@@ -1641,4 +1654,49 @@ async fn the_sweep_forgets_expired_replies_of_passive_entities_only() {
     if fresh_stored.elapsed() < window {
         assert_eq!(shards.sweep_expired_replies().await, 0);
     }
+}
+
+#[tokio::test]
+async fn a_corrupt_stored_reply_does_not_stop_the_sweep_of_its_shard() {
+    let store = Arc::new(MemoryStore::default());
+    let window = Duration::from_millis(100);
+    let shards = shards_on(
+        store.clone(),
+        EntityConfig {
+            dedup_window: window,
+            ..config()
+        },
+    );
+    // "a" sorts first in its shard (a shorter key); "behind" is in the same shard, after it.
+    let shard = hash::shard_of(&counter("a"), store.shard_count());
+    let behind = (0..)
+        .map(|n| format!("behind-{n}"))
+        .find(|key| hash::shard_of(&counter(key), store.shard_count()) == shard)
+        .unwrap();
+    for key in ["a", behind.as_str()] {
+        shards
+            .call(
+                counter(key),
+                json!({"op": "incr"}),
+                None,
+                Some("r-1".into()),
+            )
+            .await
+            .unwrap();
+        assert!(shards.stop(counter(key)).await.unwrap());
+    }
+    store.corrupt_in_scans.lock().push(counter("a"));
+    tokio::time::sleep(window + Duration::from_millis(50)).await;
+
+    shards.sweep_expired_replies().await;
+    // The corrupt entity is skipped (its retries answer DATA_LOSS); the one behind it is swept.
+    let left = |key: &str| {
+        store
+            .records
+            .lock()
+            .of_entity(shard, &counter(key), RecordKind::Dedup)
+            .len()
+    };
+    assert_eq!(left(&behind), 0);
+    assert_eq!(left("a"), 1);
 }
