@@ -116,7 +116,7 @@ const SHARD_TREE_PREFIX: &[u8] = b"shard-";
 
 /// The first byte of every existence index key of format version 2 (`e`, then the entity
 /// type and key, with an empty value). No other key of a shard tree starts with it.
-const EXISTENCE_INDEX_KIND: u8 = b'e';
+pub const EXISTENCE_INDEX_KIND: u8 = b'e';
 
 /// How many keys one sled batch of [`drop_existence_index`] removes.
 const REMOVAL_BATCH_KEYS: usize = 10_000;

@@ -2,12 +2,14 @@
 //! start-up, and what the migrated data dir serves.
 
 use serde_json::json;
-use statehouse_migrations::{CURRENT_FORMAT_VERSION, FORMAT_VERSION_KEY, META_TREE};
+use statehouse_migrations::{
+    CURRENT_FORMAT_VERSION, EXISTENCE_INDEX_KIND, FORMAT_VERSION_KEY, META_TREE,
+};
 use statehouse_tests::{open_stopped_state, shard_trees, TestServer};
 
 /// Format version 2 kept an existence index: an `e` key (type, then the bare key) per entity.
 fn existence_key(entity_type: &str, key: &str) -> Vec<u8> {
-    let mut out = vec![b'e'];
+    let mut out = vec![EXISTENCE_INDEX_KIND];
     out.extend_from_slice(&(entity_type.len() as u16).to_be_bytes());
     out.extend_from_slice(entity_type.as_bytes());
     out.extend_from_slice(key.as_bytes());
@@ -64,7 +66,11 @@ async fn a_format_2_data_dir_loses_its_existence_index_and_lists_the_same() {
 
     let db = open_stopped_state(&server);
     for tree in shard_trees(&db) {
-        assert_eq!(tree.scan_prefix(b"e").count(), 0, "an index key survived");
+        assert_eq!(
+            tree.scan_prefix([EXISTENCE_INDEX_KIND]).count(),
+            0,
+            "an index key survived"
+        );
     }
     let version = db
         .open_tree(META_TREE)

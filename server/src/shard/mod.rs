@@ -2,8 +2,9 @@
 //!
 //! **Owns**: the stable address → shard hash ([`hash`]), each shard's directory of active
 //! entities ([`directory`]), the background services over every shard (the idle sweep, the
-//! timer services, the postman, the stored-reply sweep `reply_sweep`), and [`Shards`], the
-//! one entry point `grpc/` calls.
+//! timer services, the postman, the stored-reply sweep `reply_sweep`, and `record_pages`, the
+//! cursor the sweeps page through records with), and [`Shards`], the one entry point `grpc/`
+//! calls.
 //! **May call**: `entity/` (spawn, mailboxes, recovery), `behaviour/` (the registry) and
 //! `storage/` (reads of passive entities, listing). Knows nothing about protobuf.
 //!
@@ -16,6 +17,7 @@
 mod directory;
 pub mod hash;
 mod postman;
+mod record_pages;
 mod reply_sweep;
 mod timers;
 

@@ -25,6 +25,7 @@ use crate::entity::{DeliveryAck, Envelope, Request};
 use crate::storage::{EntityBatch, Op, RecordKind};
 
 use super::directory::ShardContext;
+use super::record_pages::RecordPages;
 
 /// The first retry delay of a failed delivery; it doubles up to [`RETRY_DELAY_MAX`].
 const RETRY_DELAY_MIN: Duration = Duration::from_millis(10);
@@ -285,24 +286,11 @@ async fn deliver(
 /// Reads every shard's outbox and posts what it holds; wakes every entity whose durable
 /// inbox holds messages, so they are handled without waiting for a new message.
 async fn sweep_outboxes(context: Arc<ShardContext>, mail: mpsc::UnboundedSender<Mail>) {
-    let shard_count = context.entities.store.shard_count();
+    let store = &context.entities.store;
     let mut posted = 0usize;
-    for shard in 0..shard_count {
-        let mut after = None;
-        loop {
-            let page = match context
-                .entities
-                .store
-                .scan_records(shard, RecordKind::Outbox, after.clone(), SWEEP_PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(error) => {
-                    tracing::error!(shard, %error, "reading the outbox failed; its messages wait for the next start");
-                    break;
-                }
-            };
-            let full = page.len() == SWEEP_PAGE;
+    for shard in 0..store.shard_count() {
+        let mut pages = RecordPages::new(shard, RecordKind::Outbox);
+        while let Some(page) = pages.next(store, SWEEP_PAGE).await {
             for (from, entry) in &page {
                 match records::decode::<OutboxMessage>(from, "outbox message", &entry.value) {
                     Ok(message) => {
@@ -317,12 +305,6 @@ async fn sweep_outboxes(context: Arc<ShardContext>, mail: mpsc::UnboundedSender<
                     }
                 }
             }
-            after = page
-                .last()
-                .map(|(id, entry)| (id.clone(), entry.name.clone()));
-            if !full {
-                break;
-            }
         }
         wake_inboxes(&context, shard).await;
     }
@@ -333,21 +315,8 @@ async fn sweep_outboxes(context: Arc<ShardContext>, mail: mpsc::UnboundedSender<
 
 /// Activates every entity of the shard with accepted but unhandled durable messages.
 async fn wake_inboxes(context: &Arc<ShardContext>, shard: u32) {
-    let mut after: Option<(EntityId, Vec<u8>)> = None;
-    loop {
-        let page = match context
-            .entities
-            .store
-            .scan_records(shard, RecordKind::Inbox, after.clone(), SWEEP_PAGE)
-            .await
-        {
-            Ok(page) => page,
-            Err(error) => {
-                tracing::error!(shard, %error, "reading durable inboxes failed");
-                return;
-            }
-        };
-        let full = page.len() == SWEEP_PAGE;
+    let mut pages = RecordPages::new(shard, RecordKind::Inbox);
+    while let Some(page) = pages.next(&context.entities.store, SWEEP_PAGE).await {
         let mut last: Option<&EntityId> = None;
         for (entity, _) in &page {
             if last == Some(entity) {
@@ -362,10 +331,9 @@ async fn wake_inboxes(context: &Arc<ShardContext>, shard: u32) {
                 tracing::warn!(%entity, %error, "could not wake an entity with a durable inbox");
             }
         }
-        // Past every record of the last entity seen: its inbox names are 8 bytes.
-        after = page.last().map(|(id, _)| (id.clone(), vec![0xff; 9]));
-        if !full {
-            return;
+        // The last entity seen is woken: the next page starts after all its records.
+        if let Some(entity) = last {
+            pages.skip_entity(entity);
         }
     }
 }

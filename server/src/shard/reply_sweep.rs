@@ -33,9 +33,10 @@ use crate::address::EntityId;
 use crate::behaviour::now_unix_ms;
 use crate::entity::records::{self, DedupStamp};
 use crate::entity::{Envelope, Request};
-use crate::storage::{RecordKind, StoreError, RECORD_NAME_BYTES_MAX};
+use crate::storage::RecordKind;
 
 use super::directory::ShardContext;
+use super::record_pages::RecordPages;
 
 /// The shortest time between two sweeps.
 pub const SWEEP_EVERY_MIN: Duration = Duration::from_secs(1);
@@ -113,31 +114,12 @@ async fn sweep_shard(
 ) -> u64 {
     let window_ms =
         u64::try_from(context.entities.config.dedup_window.as_millis()).unwrap_or(u64::MAX);
-    let mut after: Option<(EntityId, Vec<u8>)> = None;
+    let mut pages = RecordPages::new(shard, RecordKind::Dedup);
     let mut forgotten = 0;
     while !cancel.is_cancelled() {
-        let page = match context
-            .entities
-            .store
-            .scan_records(shard, RecordKind::Dedup, after.clone(), PAGE)
-            .await
-        {
-            Ok(page) => page,
-            Err(StoreError::CorruptEntity { entity, detail }) => {
-                // Its replies stay (a retry answers DATA_LOSS); the sweep goes on past them.
-                tracing::warn!(%entity, %detail, "a stored reply failed its checksum; the sweep skips the entity");
-                after = Some((entity, vec![u8::MAX; RECORD_NAME_BYTES_MAX + 1]));
-                continue;
-            }
-            Err(error) => {
-                tracing::warn!(shard, %error, "reading stored replies failed; the next sweep tries again");
-                return forgotten;
-            }
+        let Some(page) = pages.next(&context.entities.store, PAGE).await else {
+            break;
         };
-        let full = page.len() == PAGE;
-        after = page
-            .last()
-            .map(|(id, entry)| (id.clone(), entry.name.clone()));
         let now_ms = now_unix_ms();
         let mut holders: Vec<EntityId> = Vec::new();
         for (entity, entry) in page {
@@ -153,9 +135,6 @@ async fn sweep_shard(
             }
         }
         forgotten += ask_to_forget(context, holders, pace, cancel).await;
-        if !full {
-            break;
-        }
     }
     forgotten
 }

@@ -1588,17 +1588,22 @@ async fn the_memory_store_keeps_records_like_the_real_one() {
     assert_eq!(store.due_timers(1, None, 9, 10).await.unwrap().due.len(), 1);
 }
 
-#[tokio::test]
-async fn the_sweep_forgets_expired_replies_of_passive_entities_only() {
-    let store = Arc::new(MemoryStore::default());
-    let window = Duration::from_secs(2);
-    let shards = shards_on(
-        store.clone(),
+/// Shards whose stored replies are kept for `window`.
+fn shards_with_dedup_window(store: Arc<MemoryStore>, window: Duration) -> Shards {
+    shards_on(
+        store,
         EntityConfig {
             dedup_window: window,
             ..config()
         },
-    );
+    )
+}
+
+#[tokio::test]
+async fn the_sweep_forgets_expired_replies_of_passive_entities_only() {
+    let store = Arc::new(MemoryStore::default());
+    let window = Duration::from_secs(2);
+    let shards = shards_with_dedup_window(store.clone(), window);
     let incr = || json!({"op": "incr"});
     let stored_replies = |key: &str| {
         let id = counter(key);
@@ -1660,13 +1665,7 @@ async fn the_sweep_forgets_expired_replies_of_passive_entities_only() {
 async fn a_corrupt_stored_reply_does_not_stop_the_sweep_of_its_shard() {
     let store = Arc::new(MemoryStore::default());
     let window = Duration::from_millis(100);
-    let shards = shards_on(
-        store.clone(),
-        EntityConfig {
-            dedup_window: window,
-            ..config()
-        },
-    );
+    let shards = shards_with_dedup_window(store.clone(), window);
     // "a" sorts first in its shard (a shorter key); "behind" is in the same shard, after it.
     let shard = hash::shard_of(&counter("a"), store.shard_count());
     let behind = (0..)

@@ -41,7 +41,7 @@ pub const KIND_EVENT: u8 = b'j';
 /// Kind byte of the existence index of format version 2 and older (an empty value per
 /// entity). Format version 3 dropped it; the migration to it removes these keys, and no
 /// key of any other kind starts with this byte.
-pub const KIND_RETIRED_EXISTS: u8 = b'e';
+pub const KIND_RETIRED_EXISTS: u8 = statehouse_migrations::EXISTENCE_INDEX_KIND;
 /// Kind byte of a corruption marker.
 pub const KIND_CORRUPT: u8 = b'x';
 /// Kind byte of the shard's timer index.

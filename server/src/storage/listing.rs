@@ -81,7 +81,15 @@ pub(crate) fn list_shard(
         let type_prefix = keys::type_prefix(kind, query.entity_type);
         let mut shortest = query.key_prefix.len();
         while let Some(key_len) = next_key_length(view, shard, &type_prefix, shortest)? {
-            list_length(view, shard, query, kind, key_len, listing)?;
+            list_length(
+                view,
+                shard,
+                query,
+                kind,
+                type_prefix.len(),
+                key_len,
+                listing,
+            )?;
             shortest = key_len + 1;
         }
     }
@@ -119,6 +127,7 @@ fn list_length(
     shard: usize,
     query: &ListQuery<'_>,
     kind: u8,
+    type_prefix_len: usize,
     key_len: usize,
     listing: &mut Listing,
 ) -> Result<(), StoreError> {
@@ -135,7 +144,6 @@ fn list_length(
             None => return Ok(()),
         }
     }
-    let type_prefix_len = keys::type_prefix(kind, query.entity_type).len();
     loop {
         let Some(key) = first_key_from(view, shard, Bound::Included(lower))? else {
             return Ok(());
