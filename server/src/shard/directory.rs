@@ -226,32 +226,35 @@ impl Shard {
         behaviour: impl Fn() -> Result<Arc<dyn Behaviour>, EntityError>,
         mut envelope: Envelope,
     ) -> Result<(), Box<Undelivered>> {
+        let mut state = self.state.lock();
         loop {
-            let handle = {
-                let mut state = self.state.lock();
-                // Checked under the lock, so shutdown sees every activation that will ever exist.
-                if self.context.closing.load(Ordering::Acquire) {
-                    return Err(Undelivered::new(EntityError::ShuttingDown, envelope));
-                }
-                if let Err(error) = self.admit(&mut state, id) {
-                    return Err(Undelivered::new(error, envelope));
-                }
-                match state.directory.get(id) {
-                    Some(handle) => handle.clone(),
-                    None => {
-                        // Only an activation needs the behaviour: a message to an active
-                        // entity touches no registry (and no shared reference count).
-                        let behaviour = match behaviour() {
-                            Ok(behaviour) => behaviour,
-                            Err(error) => return Err(Undelivered::new(error, envelope)),
-                        };
-                        let handle = self.activate(id, &behaviour);
-                        state.directory.insert(handle.id().clone(), handle.clone());
-                        handle
-                    }
+            // Checked under the lock, so shutdown sees every activation that will ever exist.
+            if self.context.closing.load(Ordering::Acquire) {
+                return Err(Undelivered::new(EntityError::ShuttingDown, envelope));
+            }
+            if let Err(error) = self.admit(&mut state, id) {
+                return Err(Undelivered::new(error, envelope));
+            }
+            // Sent under the lock: a message to an active entity clones no handle (and so
+            // touches no reference count the entity's task shares). Sending only pushes to
+            // the mailbox and wakes the task (or, for a hibernating entity, spawns one), which
+            // never takes a shard's lock.
+            let sent = match state.directory.get(id) {
+                Some(handle) => handle.try_send(envelope),
+                None => {
+                    // Only an activation needs the behaviour: a message to an active
+                    // entity touches no registry (and no shared reference count).
+                    let behaviour = match behaviour() {
+                        Ok(behaviour) => behaviour,
+                        Err(error) => return Err(Undelivered::new(error, envelope)),
+                    };
+                    let handle = self.activate(id, &behaviour);
+                    let sent = handle.try_send(envelope);
+                    state.directory.insert(handle.id().clone(), handle);
+                    sent
                 }
             };
-            match handle.try_send(envelope) {
+            match sent {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Full(envelope)) => {
                     let capacity = self.context.entities.config.mailbox_capacity;
@@ -261,9 +264,10 @@ impl Shard {
                     };
                     return Err(Undelivered::new(error, envelope));
                 }
-                // The activation passivated after we looked it up: retry with a fresh one.
+                // The activation ended (passivated) but has not deregistered yet: drop it
+                // and send to a fresh one.
                 Err(TrySendError::Closed(returned)) => {
-                    self.deregister(id, handle.generation());
+                    state.directory.remove(id);
                     envelope = returned;
                 }
             }
@@ -272,6 +276,9 @@ impl Shard {
 
     /// Refuses messages while the shard is in restart backoff or the entity is quarantined.
     fn admit(&self, state: &mut ShardState, id: &EntityId) -> Result<(), EntityError> {
+        if state.backoff_until.is_none() && state.quarantined.is_empty() {
+            return Ok(());
+        }
         let now = Instant::now();
         if let Some(until) = state.backoff_until {
             if until > now {
