@@ -10,8 +10,9 @@
 //! the entity prefix of an event key (`keys::event_prefix_len`), or the whole key for any
 //! other. Groups are found by hash; only a new group is inserted into the ordered set of group
 //! names that ranges walk. Each group is a vector sorted by key, so an entity's next event is a
-//! hash lookup, a comparison with the group's last key and a push, and a snapshot's trim of
-//! everything before it is one drain.
+//! hash lookup, a comparison of its sequence number with the last one (kept in the map's
+//! entry, so the last key itself is not read) and a push, and a snapshot's trim of everything
+//! before it is one drain.
 //!
 //! Invariant (what makes the grouping order-preserving): entity prefixes are never a prefix
 //! of one another, and every key that starts with one belongs to its group. So comparing two
@@ -29,7 +30,32 @@ use crate::storage::keys;
 pub(crate) type Write = Option<Vec<u8>>;
 
 /// One group's writes, sorted by key.
-type Group = Vec<(Vec<u8>, Write)>;
+#[derive(Debug, Default)]
+struct Group {
+    writes: Vec<(Vec<u8>, Write)>,
+    /// The sequence number of the last key ([`sequence_of`]), if it has one: then a new event
+    /// key of the group is checked against it here, in the map's entry, without reading the
+    /// last key (two cache misses on the writer's hot path: the vector's end and the key).
+    last_sequence: Option<u64>,
+}
+
+impl Group {
+    /// Recomputes `last_sequence` after the last key changed other than by a push.
+    fn refresh_last_sequence(&mut self, name_len: usize) {
+        self.last_sequence = self
+            .writes
+            .last()
+            .and_then(|(key, _)| sequence_of(key, name_len));
+    }
+}
+
+/// The number a key of a group whose name is `name_len` bytes long ends with, if the key is
+/// the name and eight bytes more (an event key: entity prefix, big-endian sequence number).
+/// Two such keys of one group compare as their numbers do.
+fn sequence_of(key: &[u8], name_len: usize) -> Option<u64> {
+    let tail: [u8; 8] = key.get(name_len..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
 
 /// Point writes by key.
 #[derive(Debug, Default)]
@@ -50,7 +76,9 @@ fn group_of(key: &[u8]) -> &[u8] {
 
 /// Where `key` is, or would go, in a sorted group.
 fn position(group: &Group, key: &[u8]) -> Result<usize, usize> {
-    group.binary_search_by(|(k, _)| k.as_slice().cmp(key))
+    group
+        .writes
+        .binary_search_by(|(k, _)| k.as_slice().cmp(key))
 }
 
 impl Points {
@@ -60,12 +88,13 @@ impl Points {
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Write> {
         let group = self.groups.get(group_of(key))?;
-        position(group, key).ok().map(|at| &group[at].1)
+        position(group, key).ok().map(|at| &group.writes[at].1)
     }
 
     /// Sets `key`'s write, returning the one it replaces.
     pub(crate) fn insert(&mut self, key: Vec<u8>, write: Write) -> Option<Write> {
-        let group = match self.groups.get_mut(group_of(&key)) {
+        let name_len = group_of(&key).len();
+        let group = match self.groups.get_mut(&key[..name_len]) {
             Some(group) => group,
             None => {
                 let name = group_of(&key).to_vec();
@@ -74,14 +103,21 @@ impl Points {
             }
         };
         // Events come in sequence order: almost always past the group's last key.
-        if group.last().is_none_or(|(last, _)| *last < key) {
-            group.push((key, write));
+        let sequence = sequence_of(&key, name_len);
+        let past_last = match (group.last_sequence, sequence) {
+            (Some(last), Some(new)) => new > last,
+            _ => group.writes.last().is_none_or(|(last, _)| *last < key),
+        };
+        if past_last {
+            group.writes.push((key, write));
+            group.last_sequence = sequence;
             return None;
         }
         match position(group, &key) {
-            Ok(at) => Some(std::mem::replace(&mut group[at].1, write)),
+            Ok(at) => Some(std::mem::replace(&mut group.writes[at].1, write)),
             Err(at) => {
-                group.insert(at, (key, write));
+                group.writes.insert(at, (key, write));
+                group.refresh_last_sequence(name_len);
                 None
             }
         }
@@ -106,14 +142,18 @@ impl Points {
             let Some(group) = self.groups.get_mut(name) else {
                 continue;
             };
-            let from = group.partition_point(|(k, _)| k.as_slice() < start);
-            let to = group.partition_point(|(k, _)| below_end(end_bound, k));
+            let from = group.writes.partition_point(|(k, _)| k.as_slice() < start);
+            let to = group
+                .writes
+                .partition_point(|(k, _)| below_end(end_bound, k));
             if from < to {
-                for (key, write) in group.drain(from..to) {
+                for (key, write) in group.writes.drain(from..to) {
                     removed(&key, &write);
                 }
-                if group.is_empty() {
+                if group.writes.is_empty() {
                     emptied.push(name.clone());
+                } else {
+                    group.refresh_last_sequence(name.len());
                 }
             }
         }
@@ -141,10 +181,14 @@ impl Points {
         if let Some(group) = range.next_group() {
             let from = match start {
                 Bound::Unbounded => 0,
-                Bound::Included(start) => group.partition_point(|(k, _)| k.as_slice() < start),
-                Bound::Excluded(start) => group.partition_point(|(k, _)| k.as_slice() <= start),
+                Bound::Included(start) => {
+                    group.writes.partition_point(|(k, _)| k.as_slice() < start)
+                }
+                Bound::Excluded(start) => {
+                    group.writes.partition_point(|(k, _)| k.as_slice() <= start)
+                }
             };
-            range.current = group[from..].iter();
+            range.current = group.writes[from..].iter();
         }
         range
     }
@@ -185,7 +229,7 @@ impl<'a> Iterator for PointRange<'a> {
                 self.done = true;
             } else {
                 match self.next_group() {
-                    Some(group) => self.current = group.iter(),
+                    Some(group) => self.current = group.writes.iter(),
                     None => self.done = true,
                 }
             }
