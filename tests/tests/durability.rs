@@ -9,7 +9,58 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use statehouse_client::{Client, Code};
-use statehouse_tests::{test_seed, TestServer, CLIENT_TIMEOUT};
+use statehouse_tests::{server_bin, test_seed, TestServer, CLIENT_TIMEOUT};
+
+/// A second server on a data dir in use exits with a clear error before touching anything,
+/// and the first one carries on, its journal intact: it rolls through segments its
+/// preparer made (which a second server that got further would have taken over), and a
+/// restart finds everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_a_data_dir_in_use_is_refused() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "journal_segment_bytes = 1048576\n").unwrap();
+    let config_path = config.path().to_str().unwrap().to_owned();
+    let mut server = TestServer::start_with(&["--config", &config_path]);
+    let client = server.client().await;
+    client.counter("before").incr(1).await.unwrap();
+
+    let second = std::process::Command::new(server_bin())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(server.data_dir())
+        .output()
+        .expect("run a second server");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "the second server must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("in use by another process"),
+        "the refusal names the cause: {stderr}"
+    );
+
+    // ~3 MiB of journal: at least two rolls onto prepared segments.
+    let big = "x".repeat(100 * 1024);
+    for i in 0..32 {
+        client
+            .kv(format!("big-{i}"))
+            .put("v", big.as_str())
+            .await
+            .unwrap();
+    }
+    client.counter("after").incr(2).await.unwrap();
+    drop(client);
+    server.kill();
+    server.restart();
+    let client = server.client().await;
+    assert_eq!(client.counter("before").incr(0).await.unwrap(), 1);
+    assert_eq!(client.counter("after").incr(0).await.unwrap(), 2);
+    let last = client.get("kv", "big-31").await.unwrap();
+    assert_eq!(
+        last.state["fields"]["v"]["value"].as_str().map(str::len),
+        Some(big.len())
+    );
+}
 
 // Multi-threaded: the clients' connection tasks must run while terminate() waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,7 @@ mod apply;
 mod checkpoint;
 mod codec;
 mod commit_wait;
+mod data_dir_lock;
 mod disk_usage;
 mod event_runs;
 mod fsync;

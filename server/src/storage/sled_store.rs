@@ -6,7 +6,8 @@
 //! task, so the writer thread only copies bytes, syncs and applies.
 //!
 //! Layout of a data dir: `state/` is the sled database, `journal/` the segment files (and at
-//! most a few `.prep` files: segments being prepared, see `journal::segment`).
+//! most a few `.prep` files: segments being prepared, see `journal::segment`), and
+//! `statehouse.lock`, locked while a store is open on it (`data_dir_lock`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +27,11 @@ use crate::address::{EntityId, TYPE_BYTES_MAX};
 use super::apply::plan;
 use super::checkpoint::{run_checkpointer, CheckpointRequest};
 use super::commit_wait::CommitWait;
+use super::data_dir_lock::{DataDirLock, LOCK_WAIT};
 use super::fsync::{io_error, sled_error, sync_dir};
 use super::journal::frame::{body_len, encode_frame, FRAME_BODY_BYTES_MAX};
-use super::journal::segment::{journal_dir, remove_prepared, OpenSegment};
+use super::journal::prepare::SegmentPreparer;
+use super::journal::segment::{journal_dir, list_segments, remove_prepared};
 use super::journal::JournalPosition;
 use super::recovery::{recover, RecoveryReport};
 use super::shared::{Shared, StoreStats};
@@ -61,6 +64,8 @@ pub struct SledStore {
     checkpoint_requests: mpsc::Sender<CheckpointRequest>,
     checkpointer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    /// Held until the store is dropped (after the threads and sled above it).
+    _lock: DataDirLock,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -87,7 +92,21 @@ impl SledStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
         }
+        let lock = DataDirLock::acquire(&data_dir, LOCK_WAIT)?;
         sync_dir(&data_dir)?;
+
+        // A `.prep` file is a segment prepared but never installed: not journal data.
+        let stale = remove_prepared(&journal_dir)?;
+        if stale > 0 {
+            tracing::debug!(files = stale, "deleted stale prepared journal segments");
+        }
+        // The first segment (tens of MB of zeros, synced) is prepared while sled opens and the
+        // journal replays. Its id follows the last segment on disk, which recovery confirms
+        // unless the checkpoint points past every segment; then it is prepared again below.
+        // The writer's own preparer makes the next ones ahead.
+        let first_segment = list_segments(&journal_dir)?.last().map_or(0, |(id, _)| *id) + 1;
+        let mut preparer = SegmentPreparer::new(journal_dir.clone(), config.journal_segment_bytes);
+        preparer.start(first_segment);
 
         let state = State::open(&state_dir, config.sled_cache_bytes, config.shard_count)?;
         let recovery = recover(&state, &journal_dir)?;
@@ -98,17 +117,10 @@ impl SledStore {
             corrupt_entities = recovery.corrupt_entities.len(),
             "journal replayed"
         );
-        // A `.prep` file is a segment prepared but never installed: not journal data.
-        let stale = remove_prepared(&journal_dir)?;
-        if stale > 0 {
-            tracing::debug!(files = stale, "deleted stale prepared journal segments");
-        }
-        // The first segment is prepared here; the writer's preparer makes the next ones ahead.
-        let segment = OpenSegment::create(
-            &journal_dir,
-            recovery.next_segment,
-            config.journal_segment_bytes,
-        )?;
+        let segment = preparer
+            .take_waiting(recovery.next_segment)?
+            .install(&journal_dir)?;
+        preparer.stop();
         let start = JournalPosition {
             segment: segment.id,
             offset: 0,
@@ -182,6 +194,7 @@ impl SledStore {
             checkpoint_requests,
             checkpointer: Mutex::new(Some(checkpointer)),
             recovery,
+            _lock: lock,
         }))
     }
 

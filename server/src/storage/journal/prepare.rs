@@ -118,6 +118,28 @@ impl SegmentPreparer {
         )
     }
 
+    /// Segment `id`, prepared: waits for the background preparation if it is of `id` (the
+    /// store's first segment, prepared while sled opens, is worth the wait: the rest of it is
+    /// shorter than starting over), otherwise cancels it and prepares `id` on this thread.
+    pub(crate) fn take_waiting(&mut self, id: u64) -> Result<PreparedSegment, StoreError> {
+        if let Some(job) = self.job.take_if(|job| job.id == id) {
+            match job.handle.join() {
+                Ok(Ok(Some(prepared))) => return Ok(prepared),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(
+                    segment = id,
+                    error = %e,
+                    "preparing the journal segment in the background failed; preparing it now"
+                ),
+                Err(_) => tracing::warn!(
+                    segment = id,
+                    "the journal segment preparer panicked; preparing the segment now"
+                ),
+            }
+        }
+        self.take(id)
+    }
+
     /// Cancels any preparation, waits for the threads (each stops after at most one chunk
     /// of zeros) and deletes what they prepared. Called when the writer stops.
     pub(crate) fn stop(&mut self) {

@@ -221,7 +221,9 @@ pub(crate) struct OpenSegment {
 }
 
 impl OpenSegment {
-    /// Prepares segment `id` (which must not exist) on this thread and installs it.
+    /// Prepares segment `id` (which must not exist) on this thread and installs it (tests;
+    /// the store prepares its segments with a [`super::prepare::SegmentPreparer`]).
+    #[cfg(test)]
     pub(crate) fn create(
         journal_dir: &Path,
         id: u64,
