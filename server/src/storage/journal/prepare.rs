@@ -86,18 +86,8 @@ impl SegmentPreparer {
         self.reap(false);
         if let Some(job) = self.job.take() {
             if job.id == id && job.handle.is_finished() {
-                match job.handle.join() {
-                    Ok(Ok(Some(prepared))) => return Ok(prepared),
-                    Ok(Ok(None)) => {}
-                    Ok(Err(e)) => tracing::warn!(
-                        segment = id,
-                        error = %e,
-                        "preparing the next journal segment in the background failed; preparing it now"
-                    ),
-                    Err(_) => tracing::warn!(
-                        segment = id,
-                        "the journal segment preparer panicked; preparing the segment now"
-                    ),
+                if let Some(prepared) = joined(id, job.handle) {
+                    return Ok(prepared);
                 }
             } else {
                 tracing::info!(
@@ -123,18 +113,8 @@ impl SegmentPreparer {
     /// shorter than starting over), otherwise cancels it and prepares `id` on this thread.
     pub(crate) fn take_waiting(&mut self, id: u64) -> Result<PreparedSegment, StoreError> {
         if let Some(job) = self.job.take_if(|job| job.id == id) {
-            match job.handle.join() {
-                Ok(Ok(Some(prepared))) => return Ok(prepared),
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::warn!(
-                    segment = id,
-                    error = %e,
-                    "preparing the journal segment in the background failed; preparing it now"
-                ),
-                Err(_) => tracing::warn!(
-                    segment = id,
-                    "the journal segment preparer panicked; preparing the segment now"
-                ),
+            if let Some(prepared) = joined(id, job.handle) {
+                return Ok(prepared);
             }
         }
         self.take(id)
@@ -163,6 +143,29 @@ impl SegmentPreparer {
             }
         }
         self.abandoned = pending;
+    }
+}
+
+/// What the finished background preparation of segment `id` made; a failed one is logged
+/// and, like a cancelled one, gives `None` (the caller prepares the segment itself).
+fn joined(id: u64, preparation: Preparation) -> Option<PreparedSegment> {
+    match preparation.join() {
+        Ok(Ok(prepared)) => prepared,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                segment = id,
+                error = %e,
+                "preparing a journal segment in the background failed; preparing it now"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                segment = id,
+                "the journal segment preparer panicked; preparing the segment now"
+            );
+            None
+        }
     }
 }
 
@@ -224,6 +227,32 @@ mod tests {
         // A preparation of another id is cancelled, and its file goes.
         preparer.start(4);
         let prepared = preparer.take(5).unwrap();
+        prepared.discard();
+        preparer.stop();
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+    }
+
+    #[test]
+    fn taking_while_waiting_gets_the_background_preparation_of_that_id_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // Large enough that the take comes before the preparation is done: it waits.
+        let mut preparer = SegmentPreparer::new(dir.path().to_path_buf(), 64 << 20);
+        preparer.start(1);
+        let prepared = preparer.take_waiting(1).unwrap();
+        assert_eq!(
+            prepared.path.file_name().unwrap(),
+            "00000000000000000001.bg.prep"
+        );
+        assert_eq!(std::fs::metadata(&prepared.path).unwrap().len(), 64 << 20);
+        prepared.discard();
+        // A preparation of another id is not waited for: it is cancelled and deleted, and
+        // the asked-for segment is prepared on this thread.
+        preparer.start(2);
+        let prepared = preparer.take_waiting(3).unwrap();
+        assert_eq!(
+            prepared.path.file_name().unwrap(),
+            "00000000000000000003.now.prep"
+        );
         prepared.discard();
         preparer.stop();
         assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
