@@ -79,8 +79,9 @@ impl std::fmt::Debug for SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the data dir: runs the format migrations, replays the journal after
-    /// the last checkpoint, starts a new journal segment, checkpoints so the replayed
+    /// Opens (or creates) the data dir: locks it (a second store on it is refused), runs the
+    /// format migrations, replays the journal after the last checkpoint (while the new
+    /// journal segment is prepared beside it), starts that segment, checkpoints so the replayed
     /// segments can go, and starts the writer and checkpointer threads. Blocking; called once
     /// at start-up.
     pub fn open(config: StoreConfig) -> Result<Arc<SledStore>, StoreError> {
