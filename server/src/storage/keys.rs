@@ -94,8 +94,13 @@ pub fn event_prefix(entity: &EntityId) -> Vec<u8> {
 /// keys that start with one form one contiguous range, between the keys before the prefix
 /// and those after it: the overlay groups an entity's events by it.
 pub fn event_prefix_len(key: &[u8]) -> Option<usize> {
+    entity_prefix_len_of(key, |kind| kind == KIND_EVENT)
+}
+
+/// The length of `kind type key` at the start of `key` if its kind byte is one `accept`s.
+fn entity_prefix_len_of(key: &[u8], accept: impl Fn(u8) -> bool) -> Option<usize> {
     let mut reader = Reader::new(key);
-    if reader.u8()? != KIND_EVENT {
+    if !accept(reader.u8()?) {
         return None;
     }
     for _part in ["type", "key"] {
@@ -103,6 +108,17 @@ pub fn event_prefix_len(key: &[u8]) -> Option<usize> {
         reader.take(usize::from(len))?;
     }
     Some(key.len() - reader.remaining())
+}
+
+/// The length of the entity prefix (`kind type key`) that `key` starts with, if it is an
+/// event key or a record key of any kind (or such a prefix itself); `None` for every other
+/// key. Like [`event_prefix_len`]'s, these prefixes are never a prefix of one another, so all
+/// keys that start with one form one contiguous range: the overlay groups an entity's events,
+/// and its records of each kind, by it.
+pub fn entity_prefix_len(key: &[u8]) -> Option<usize> {
+    entity_prefix_len_of(key, |kind| {
+        kind == KIND_EVENT || record_kind_of_byte(kind).is_some()
+    })
 }
 
 /// The key of the entity's event `seq`.

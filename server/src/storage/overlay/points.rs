@@ -1,5 +1,5 @@
 //! A layer's point writes: an ordered map from key to put (`Some`) or removal (`None`), with
-//! an entity's events grouped under one entry.
+//! an entity's events, and its records of each kind, grouped under one entry.
 //!
 //! **Owns**: [`Points`] and its in-order iterator [`PointRange`].
 //!
@@ -7,8 +7,9 @@
 //! hundreds of thousands of keys that share long prefixes. In one flat ordered map each insert
 //! walked ~20 long-key comparisons down a deep tree, and that was half of the journal
 //! writer's time under load (and most of replay's). Here keys are grouped by their *group*:
-//! the entity prefix of an event key (`keys::event_prefix_len`), or the whole key for any
-//! other. Groups are found by hash; only a new group is inserted into the ordered set of group
+//! the entity prefix of an event or record key (`keys::entity_prefix_len`), or the whole key
+//! for any other. (Records matter as much: every call with a request id stores its reply under
+//! a new record key, which as a group of its own cost an ordered-set insert of a long name.) Groups are found by hash; only a new group is inserted into the ordered set of group
 //! names that ranges walk. Each group is a vector sorted by key, so an entity's next event is a
 //! hash lookup, a comparison of its sequence number with the last one (kept in the map's
 //! entry, so the last key itself is not read) and a push, and a snapshot's trim of everything
@@ -66,9 +67,10 @@ pub(crate) struct Points {
     order: BTreeSet<Vec<u8>>,
 }
 
-/// The group a key belongs to: its entity prefix if it is an event key, else itself.
+/// The group a key belongs to: its entity prefix if it is an event or record key, else
+/// itself.
 fn group_of(key: &[u8]) -> &[u8] {
-    match keys::event_prefix_len(key) {
+    match keys::entity_prefix_len(key) {
         Some(len) => &key[..len],
         None => key,
     }
@@ -247,16 +249,17 @@ mod tests {
 
     use super::*;
     use crate::address::EntityId;
+    use crate::storage::RecordKind;
 
     /// Keys that exercise the grouping: events and runs of entities whose names tempt a naive
     /// concatenation ("a"+"bc" vs "ab"+"c"), their snapshots, bare prefixes, cut-short event
-    /// keys, and other kinds around `j`.
+    /// keys, records of two kinds (whole and cut short), and other kinds around `j`.
     fn random_key(rng: &mut StdRng) -> Vec<u8> {
         let entities = [("t", "a"), ("t", "ab"), ("ta", "b"), ("t", "b"), ("u", "a")];
         let (entity_type, key) = entities[rng.gen_range(0..entities.len())];
         let entity = EntityId::new(entity_type, key).unwrap();
         let seq = rng.gen_range(0..40u64);
-        match rng.gen_range(0..10) {
+        match rng.gen_range(0..11) {
             0..=4 => keys::event_key(&entity, seq),
             5 => keys::event_run_key(&keys::event_key(&entity, seq), seq / 2),
             6 => keys::event_prefix(&entity),
@@ -265,6 +268,20 @@ mod tests {
                 prefix[..rng.gen_range(0..prefix.len())].to_vec()
             }
             8 => keys::snapshot_key(&entity),
+            9 => {
+                // Records of two kinds, with names of any length (a prefix of another one's
+                // included), and now and then a record prefix cut short.
+                let kind = [RecordKind::Dedup, RecordKind::Outbox][rng.gen_range(0..2)];
+                let name: Vec<u8> = (0..rng.gen_range(0..4))
+                    .map(|_| rng.gen_range(b'a'..b'd'))
+                    .collect();
+                let record = keys::record_key(kind, &entity, &name);
+                if rng.gen_range(0..8) == 0 {
+                    record[..rng.gen_range(0..record.len())].to_vec()
+                } else {
+                    record
+                }
+            }
             _ => vec![b'j' + rng.gen_range(0..3) - 1, rng.gen()],
         }
     }
