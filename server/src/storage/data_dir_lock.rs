@@ -17,9 +17,19 @@ use super::StoreError;
 /// The lock file's name in the data dir.
 pub const LOCK_FILE_NAME: &str = "statehouse.lock";
 
-/// How long opening waits for the lock: a store of this process dropped a moment ago may
-/// still be finishing (the same wait sled's own lock gets).
+/// How long opening waits for the lock, and then for sled's: a store of this process
+/// dropped a moment ago may still be finishing (sled's I/O threads outlive its handle
+/// briefly; sled's own tests block on its lock for the same reason).
 pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The error of a data dir another store holds, with what the lock said, if anything.
+pub(crate) fn in_use(data_dir: &Path, detail: Option<&dyn std::fmt::Display>) -> StoreError {
+    let detail = detail.map(|d| format!(": {d}")).unwrap_or_default();
+    StoreError::Metadata(format!(
+        "the data dir {} is in use by another process (is another statehouse-server running on it?){detail}",
+        data_dir.display()
+    ))
+}
 
 /// Held while a store is open on the data dir; dropping it unlocks.
 #[derive(Debug)]
@@ -44,12 +54,7 @@ impl DataDirLock {
                 Err(TryLockError::WouldBlock) if started.elapsed() < wait => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(TryLockError::WouldBlock) => {
-                    return Err(StoreError::Metadata(format!(
-                        "the data dir {} is in use by another process (is another statehouse-server running on it?)",
-                        data_dir.display()
-                    )))
-                }
+                Err(TryLockError::WouldBlock) => return Err(in_use(data_dir, None)),
                 Err(TryLockError::Error(e)) => {
                     return Err(io_error(format!("locking {}", path.display()), e))
                 }

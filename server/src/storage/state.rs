@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::address::EntityId;
 
+use super::data_dir_lock::{in_use, LOCK_WAIT};
 use super::event_runs::decode_events;
 use super::fsync::sled_error;
 use super::journal::JournalPosition;
@@ -57,10 +58,6 @@ pub(crate) struct State {
     pub shards: Vec<Shard>,
 }
 
-/// How long opening sled waits for its lock file: a store closed a moment ago may still have
-/// sled's I/O threads finishing (sled's own tests block on the lock for the same reason).
-const SLED_LOCK_WAIT: Duration = Duration::from_secs(5);
-
 /// Opens sled with its background flusher off, waiting (bounded) for its lock.
 fn open_sled(state_dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError> {
     let started = Instant::now();
@@ -73,14 +70,11 @@ fn open_sled(state_dir: &Path, cache_bytes: u64) -> Result<sled::Db, StoreError>
         match opened {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                if started.elapsed() < SLED_LOCK_WAIT {
+                if started.elapsed() < LOCK_WAIT {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
                 }
-                return Err(StoreError::Metadata(format!(
-                    "the data dir {} is in use by another process (is another statehouse-server running on it?): {e}",
-                    state_dir.display()
-                )));
+                return Err(in_use(state_dir, Some(&e)));
             }
             Err(e) => {
                 return Err(sled_error(

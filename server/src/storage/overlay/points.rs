@@ -9,8 +9,9 @@
 //! writer's time under load (and most of replay's). Here keys are grouped by their *group*:
 //! the entity prefix of an event or record key (`keys::entity_prefix_len`), or the whole key
 //! for any other. (Records matter as much: every call with a request id stores its reply under
-//! a new record key, which as a group of its own cost an ordered-set insert of a long name.) Groups are found by hash; only a new group is inserted into the ordered set of group
-//! names that ranges walk. Each group is a vector sorted by key, so an entity's next event is a
+//! a new record key, which as a group of its own cost an ordered-set insert of a long name.)
+//! Groups are found by hash; only a new group is inserted into the ordered set of group names
+//! that ranges walk. Each group is a vector sorted by key, so an entity's next event is a
 //! hash lookup, a comparison of its sequence number with the last one (kept in the map's
 //! entry, so the last key itself is not read) and a push, and a snapshot's trim of everything
 //! before it is one drain.
@@ -41,7 +42,7 @@ struct Group {
 }
 
 impl Group {
-    /// Recomputes `last_sequence` after the last key changed other than by a push.
+    /// Recomputes `last_sequence` after a removal changed the last key.
     fn refresh_last_sequence(&mut self, name_len: usize) {
         self.last_sequence = self
             .writes
@@ -99,7 +100,7 @@ impl Points {
         let group = match self.groups.get_mut(&key[..name_len]) {
             Some(group) => group,
             None => {
-                let name = group_of(&key).to_vec();
+                let name = key[..name_len].to_vec();
                 self.order.insert(name.clone());
                 self.groups.entry(name).or_default()
             }
@@ -117,9 +118,13 @@ impl Points {
         }
         match position(group, &key) {
             Ok(at) => Some(std::mem::replace(&mut group.writes[at].1, write)),
+            // Not past the last key, so before it: the last key (and its sequence) stays.
             Err(at) => {
+                debug_assert!(
+                    at < group.writes.len(),
+                    "the fast path takes keys past the last"
+                );
                 group.writes.insert(at, (key, write));
-                group.refresh_last_sequence(name_len);
                 None
             }
         }
